@@ -1,0 +1,144 @@
+"""The backend interface: uint8 N x H x W x 3 RGB batches in, N x H x W probabilities out.
+
+Modelled on Polygraphy's runners: a backend is opened and closed as a context manager and has
+the same verbs everywhere. `submit` returns a Future so the pipeline can keep several batches
+in flight; `infer` is the synchronous form. Backends know nothing about files or letterboxing.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from concurrent.futures import Executor, Future
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..card import load_card
+
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+
+class BackendUnavailable(RuntimeError):
+    """The runtime, device or model a backend needs is missing; the message says how to fix it."""
+
+
+def default_model() -> Path:
+    """The ONNX model shipped inside the package."""
+    return Path(str(resources.files("retina_batch") / "default_model" / "model.onnx"))
+
+
+class Backend(abc.ABC):
+    """Base class: subclasses implement `_open`, `submit` and `_close`."""
+
+    name: str = "?"
+
+    def __init__(self, model: str | Path, batch_size: int = 4, device: str = "auto"):
+        self.model_path = Path(model)
+        self.card = load_card(self.model_path)
+        self.size = int(self.card["working_size"])
+        self.threshold = float(self.card["threshold"])
+        self.batch_size = batch_size
+        self.device = device
+        self._opened = False
+
+    # --- the three verbs -------------------------------------------------------------
+    def open(self) -> Backend:
+        if not self._opened:
+            self._open()
+            self._opened = True
+        return self
+
+    @abc.abstractmethod
+    def submit(self, batch: np.ndarray) -> Future:
+        """Start inference on a uint8 batch; the Future gives float32 N x H x W in [0, 1]."""
+
+    def close(self) -> None:
+        if self._opened:
+            self._close()
+            self._opened = False
+
+    # --- conveniences ----------------------------------------------------------------
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.submit(batch).result()
+
+    @staticmethod
+    def run_timed(executor: Executor, fn, *args) -> Future:
+        """Run fn(*args) on `executor`; the returned Future carries `compute_seconds`.
+
+        The pipeline reports per-image inference cost from it: the time the runtime spent on
+        the batch, without the time the batch waited in the queue behind another one.
+        """
+        future: Future = Future()
+
+        def work():
+            start = time.perf_counter()
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to whoever waits on the future
+                future.set_exception(e)
+                return
+            future.compute_seconds = time.perf_counter() - start
+            future.set_result(result)
+
+        executor.submit(work)
+        return future
+
+    def describe(self) -> dict:
+        """What ran, for summaries and benchmark records."""
+        return {"backend": self.name, "model": str(self.model_path),
+                "model_sha256": self.card.get("sha256"), "device": self.device}
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (self.size,
+                                                                             self.size, 3):
+            raise ValueError(f"{self.name}: expected uint8 N x {self.size} x {self.size} x 3, "
+                             f"got {batch.dtype} {batch.shape}")
+        if len(batch) > self.batch_size:
+            raise ValueError(f"{self.name}: batch of {len(batch)} > batch size {self.batch_size}")
+
+    @abc.abstractmethod
+    def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    def _close(self) -> None: ...
+
+    def __enter__(self) -> Backend:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resolve_model(model: str | Path | None, backend: str) -> Path:
+    """The model file to use: the given path, or the shipped ONNX model."""
+    if model is None:
+        if backend in ("onnxruntime", "auto"):
+            return default_model()
+        raise BackendUnavailable(f"--backend {backend} needs --model (a "
+                                 f"{'.engine' if backend == 'tensorrt' else '.pt'} file)")
+    path = Path(model)
+    if not path.is_file():
+        raise BackendUnavailable(f"model file not found: {path}")
+    return path
+
+
+def open_backend(name: str, model: str | Path | None = None, batch_size: int = 4,
+                 device: str = "auto", **options) -> Backend:
+    """Construct and open a backend by name ('auto' picks one, see auto.choose)."""
+    if name == "auto":
+        from .auto import choose
+
+        name, model = choose(model, device)
+    path = resolve_model(model, name)
+    if name == "onnxruntime":
+        from .onnxruntime import OnnxRuntimeBackend as cls
+    elif name == "tensorrt":
+        from .tensorrt import TensorRTBackend as cls
+    elif name == "torch":
+        from .torch import TorchBackend as cls
+    else:
+        raise BackendUnavailable(f"unknown backend {name!r} (choose from auto, "
+                                 f"{', '.join(BACKENDS)})")
+    return cls(path, batch_size=batch_size, device=device, **options).open()

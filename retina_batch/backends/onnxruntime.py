@@ -1,0 +1,73 @@
+"""ONNX Runtime backend: the default, on the CPU everywhere; CUDA / TensorRT execution
+providers are used with `--device cuda` when onnxruntime-gpu provides them."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from .base import Backend, BackendUnavailable
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, model, batch_size: int = 4, device: str = "auto", threads: int = 0):
+        super().__init__(model, batch_size=batch_size, device=device)
+        self.threads = threads or os.cpu_count() or 1
+
+    def _providers(self, available: list[str]) -> list[str]:
+        gpu = [p for p in GPU_PROVIDERS if p in available]
+        if self.device == "cuda" and not gpu:
+            raise BackendUnavailable(
+                "--device cuda: this onnxruntime has no CUDA provider "
+                "(pip uninstall onnxruntime && pip install onnxruntime-gpu), or use "
+                "--backend tensorrt")
+        if self.device == "cpu":
+            gpu = []
+        return gpu + ["CPUExecutionProvider"]
+
+    def _open(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") \
+                from e
+        options = ort.SessionOptions()
+        # One batch at a time uses every core; the other cores' worth of work (decode, write)
+        # runs in the pipeline's threads while ONNX Runtime computes.
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(self.model_path), options,
+                providers=self._providers(ort.get_available_providers()))
+        except Exception as e:  # ORT raises its own exception types for bad model files
+            raise BackendUnavailable(f"cannot load {self.model_path}: {e}") from e
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.providers = self.session.get_providers()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ort")
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run([self.output_name], {self.input_name: batch})
+        return out.astype(np.float32, copy=False)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        self.check_batch(batch)
+        return self.run_timed(self._executor, self._run, np.ascontiguousarray(batch))
+
+    def _close(self) -> None:
+        self._executor.shutdown(wait=True)
+        del self.session
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {**super().describe(), "runtime": f"onnxruntime {ort.__version__}",
+                "providers": getattr(self, "providers", None), "threads": self.threads}

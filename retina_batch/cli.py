@@ -1,0 +1,170 @@
+"""The `retina-batch` command line: parse options, call the library, print results.
+
+Every command is a thin shell over a plain Python function, so anything the CLI does can be
+done from a notebook or a test. User mistakes end in one red line and a non-zero exit status,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+
+import click
+from rich.console import Console
+
+from . import __version__
+
+err = Console(stderr=True, highlight=False)
+
+# Exit statuses scripts can rely on (documented in README).
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, status: int = EXIT_USAGE):
+    err.print(f"[red]error:[/red] {message}")
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="retina-batch")
+def main():
+    """Retinal vessel segmentation for whole folders of fundus photographs.
+
+    \b
+    retina-batch segment ./images --out ./masks     segment with the shipped model
+    retina-batch train DATA_DIR --out runs/x        train an Attention U-Net
+    retina-batch export runs/x/model.pt --out DIR   ONNX (fp32, fp16) + TensorRT engine
+    retina-batch bench                              measure throughput and stage costs
+    """
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: model.pt, model.json, metrics.csv, curves.png, last.pt.")
+@click.option("--width", default=16, show_default=True, help="[model] Channels of level 1.")
+@click.option("--depth", default=4, show_default=True, help="[model] Downsampling levels.")
+@click.option("--size", default=512, show_default=True,
+              help="[model] Working canvas side; the field of view is scaled to fill it.")
+@click.option("--crop", default=256, show_default=True, help="[data] Training crop side.")
+@click.option("--group", default="auto", show_default=True,
+              help="[data] Which files share a source photograph: auto, stem, div:K, "
+                   "regex:PATTERN. auto = div:4 for numbered files (4 copies per photograph).")
+@click.option("--val-fraction", default=0.2, show_default=True,
+              help="[data] Fraction of photographs held out for validation.")
+@click.option("--epochs", default=28, show_default=True, help="[schedule] Epochs.")
+@click.option("--steps", "steps_per_epoch", default=48, show_default=True,
+              help="[schedule] Optimiser steps per epoch.")
+@click.option("--batch-size", default=8, show_default=True, help="[schedule] Crops per step.")
+@click.option("--lr", default=3e-3, show_default=True, help="[schedule] Peak learning rate.")
+@click.option("--seed", default=0, show_default=True, help="[run] Random seed.")
+@click.option("--device", default="auto", show_default=True, help="[run] auto, cpu, cuda.")
+@click.option("--threads", default=0, help="[run] PyTorch CPU threads (0: all cores).")
+@click.option("--resume", is_flag=True, help="[run] Continue from OUT/last.pt.")
+def train(data_dir, out_dir, resume, **options):
+    """Train an Attention U-Net on fundus photographs with vessel masks.
+
+    DATA_DIR holds image/ + mask/ (or images/ + masks/, DRIVE style), directly or under
+    train/. Images pair with masks by file stem, ignoring markers such as _training and
+    _manual1. Ctrl-C saves the last finished epoch; --resume continues from it.
+    """
+    try:
+        from .training.dataset import DatasetError
+        from .training.loop import train as run_training
+    except ImportError as e:
+        fail(f"training needs PyTorch ({e.name} is missing): pip install 'retina-batch[train]'")
+    try:
+        card = run_training(data_dir, out_dir, resume=resume, log=err.print, **options)
+    except DatasetError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/yellow]: finished epochs are saved in {out_dir}/last.pt;"
+                  f" continue with --resume")
+        sys.exit(EXIT_INTERRUPTED)
+    val = card["validation"]
+    err.print(f"best epoch {card['training']['epoch']}: val Dice {val['dice']:.4f}, "
+              f"AUC {val['auc']:.4f} at threshold {card['threshold']}; "
+              f"weights {out_dir}/model.pt")
+
+
+@main.command()
+@click.argument("source", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="[outputs] Mask folder: OUT/<relative path>.png, 0/255, original size.")
+@click.option("--prob", "prob_dir", type=click.Path(file_okay=False),
+              help="[outputs] Also write probability maps (8-bit PNG, p x 255) here.")
+@click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
+              help="[outputs] Also write JPEG overlays (vessels in green) here.")
+@click.option("--metrics", type=click.Path(dir_okay=False),
+              help="[outputs] Per-image CSV (default OUT/metrics.csv; appended on resume).")
+@click.option("--truth", "truth_dir", type=click.Path(file_okay=False),
+              help="[outputs] Ground-truth masks, paired by stem: adds Dice, IoU, AUC, ...")
+@click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
+              help="[model] Field-of-view masks paired by stem (default: detected).")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]),
+              help="[model] Runtime.")
+@click.option("--model", type=click.Path(dir_okay=False),
+              help="[model] .onnx, .engine or .pt with its .json card (default: shipped model).")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda"]), help="[model] Where to run.")
+@click.option("--threshold", type=click.FloatRange(0, 1),
+              help="[model] Vessel probability threshold (default: the model card's).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="[speed] Images per backend call.")
+@click.option("--workers", default=0, type=click.IntRange(0, 256),
+              help="[speed] Decode and writer threads (0: one per core).")
+@click.option("--overwrite", is_flag=True, help="[run] Redo images whose mask exists.")
+@click.option("--json", "as_json", is_flag=True, help="[run] Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="[run] No progress bar or table.")
+def segment(source, as_json, quiet, **options):
+    """Segment every fundus photograph in SOURCE into vessel masks.
+
+    SOURCE is a folder (walked recursively; the output tree mirrors it), one image, or a
+    .txt/.csv list of paths. Formats: PNG, JPEG, TIFF (8/16-bit), BMP, PPM/PGM, GIF.
+    Images whose mask already exists are skipped (re-run to resume; --overwrite to redo).
+
+    \b
+    Exit status: 0 all images done, 1 some images failed (see metrics.csv),
+                 2 usage error, 130 interrupted (what was in flight is written).
+    """
+    from .backends import BackendUnavailable
+    from .io import InputError, count_images
+    from .pipeline import OutputError
+    from .pipeline import segment as run_segment
+    from .report import SegmentProgress, print_summary
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        total = count_images(source)
+    except InputError as e:
+        fail(str(e))
+    if total == 0:
+        fail(f"no images found in {source}")
+    progress = SegmentProgress(total, console=err, quiet=quiet or as_json)
+    try:
+        with progress:
+            summary = run_segment(source, on_row=progress.row, on_open=progress.opened,
+                                  **options)
+    except (InputError, BackendUnavailable, FileNotFoundError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(str(e) if isinstance(e, OutputError) else f"cannot write output: {e}")
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        print_summary(summary, err)
+    if summary["interrupted"]:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_SOME_FAILED if summary["counts"]["error"] else EXIT_OK)
+
+
+def _raise_interrupt(signum, frame):
+    """SIGTERM (kill, job schedulers) ends a run like Ctrl-C: in-flight work is written."""
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Finding, pairing, decoding and writing image files."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".ppm", ".pgm", ".pnm", ".gif"}
+)
+
+# Annotation files are named after their photograph plus a marker: DRIVE `21_manual1.gif` for
+# `21_training.tif`, STARE `im0001.ah.ppm`, CHASE_DB1 `Image_01L_1stHO.png`, HRF `01_h.tif` with
+# `01_h.tif` in another folder. Stripping these markers from both names gives the pairing key.
+_MARKERS = re.compile(
+    r"(_manual\d?|_1stHO|_2ndHO|\.ah|\.vk|_mask|_gt|_label|_labels|_vessels?|_seg"
+    r"|_training|_test)$",
+    re.IGNORECASE,
+)
+
+
+def pair_key(path: str | os.PathLike) -> str:
+    """The stem of an image or mask file with annotation markers removed, lower-cased."""
+    stem = Path(path).name
+    stem = stem[: -len(Path(stem).suffix)] if Path(stem).suffix else stem
+    while True:
+        shorter = _MARKERS.sub("", stem)
+        if shorter == stem or not shorter:
+            return stem.lower()
+        stem = shorter
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (hidden files ignored)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+
+
+def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    """Decode any supported file with OpenCV; raises ValueError with a reason on failure.
+
+    np.fromfile + imdecode rather than imread: works with non-ASCII paths, and an empty or
+    unreadable file gives one clear error instead of a silent None.
+    """
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError("empty file (0 bytes)")
+    img = cv2.imdecode(data, flags)
+    if img is None:
+        raise ValueError("not a readable image (unknown format or corrupt data)")
+    return img
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A ground-truth mask as bool H x W (> 127 in the brightest channel is vessel)."""
+    img = read_image(path)
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    if img.ndim == 3:
+        img = img.max(axis=2)
+    return img > 127
+
+
+# --- discovery ---------------------------------------------------------------------------
+
+LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
+
+
+class InputError(ValueError):
+    """The input argument itself is unusable (missing, empty, unreadable list)."""
+
+
+def _walk(root: Path):
+    """Image files under root, depth first, sorted at every level: a stable, lazy order."""
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=True):
+            yield from _walk(Path(entry.path))
+        elif entry.is_file() and is_image_file(entry.name):
+            yield Path(entry.path)
+
+
+def _read_list(list_file: Path) -> list[Path]:
+    """Paths from a text list (one per line) or a CSV (a `path` column, else the first one)."""
+    import csv
+
+    with open(list_file, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and r[0].strip() and not r[0].startswith("#")]
+    if rows and "path" in [c.strip().lower() for c in rows[0]]:
+        column = [c.strip().lower() for c in rows[0]].index("path")
+        rows = rows[1:]
+    else:
+        column = 0
+    base = list_file.parent
+    return [(base / r[column].strip()) if not Path(r[column].strip()).is_absolute()
+            else Path(r[column].strip()) for r in rows if len(r) > column]
+
+
+def discover(source: str | os.PathLike):
+    """(path, relative output path) for every image of a directory tree, image or list file.
+
+    Relative paths mirror the input tree; for a list file they are relative to the list's
+    folder (absolute entries outside it keep their full path below the output folder).
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"input not found: {source}")
+    if source.is_dir():
+        return ((p, p.relative_to(source)) for p in _walk(source))
+    if source.suffix.lower() in LIST_EXTENSIONS:
+        base = source.parent.resolve()
+
+        def relative(p: Path) -> Path:
+            resolved = p.resolve()
+            return (resolved.relative_to(base) if resolved.is_relative_to(base)
+                    else Path(*resolved.parts[1:]))
+
+        return ((p, relative(p)) for p in _read_list(source))
+    if is_image_file(source):
+        return iter([(source, Path(source.name))])
+    raise InputError(f"{source}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                     f"or a list of paths ({', '.join(sorted(LIST_EXTENSIONS))})")
+
+
+def count_images(source: str | os.PathLike) -> int:
+    """How many images `discover` will yield (a cheap walk, for progress bars)."""
+    return sum(1 for _ in discover(source))
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding; None if not a JPEG."""
+    buf = data[: 1 << 20].tobytes()  # headers (EXIF thumbnails included) fit in 1 MiB
+    if buf[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 < len(buf):
+        if buf[i] != 0xFF:
+            i += 1
+            continue
+        marker = buf[i + 1]
+        if marker in _JPEG_SOF:
+            height, width = int.from_bytes(buf[i + 5:i + 7], "big"), \
+                int.from_bytes(buf[i + 7:i + 9], "big")
+            return width, height
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+    return None
+
+
+# IGNORE_ORIENTATION: the full-size path (IMREAD_UNCHANGED) ignores EXIF rotation too, and the
+# masks must be in the file's stored pixel order whichever path decoded it.
+_REDUCED = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in
+            ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+             (2, cv2.IMREAD_REDUCED_COLOR_2))}
+
+
+def reduction_for(size: tuple[int, int], working_size: int, margin: float = 1.2) -> int:
+    """The largest JPEG DCT scaling (1, 2, 4, 8) that keeps the longer side >= margin * working."""
+    longer = max(size)
+    for factor in (8, 4, 2):
+        if longer / factor >= margin * working_size:
+            return factor
+    return 1
+
+
+def decode(path: str | os.PathLike, working_size: int | None = None):
+    """(image as decoded, original (width, height), reduction factor) for one file.
+
+    Large JPEGs are decoded at 1/2, 1/4 or 1/8 size (DCT scaling, several times faster) when
+    that still leaves more pixels than the working canvas needs; the original size is kept
+    so outputs are written at full size.
+    """
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise ValueError("empty file (0 bytes)")
+    size = jpeg_size(data)
+    if size and working_size:
+        factor = reduction_for(size, working_size)
+        if factor > 1:
+            img = cv2.imdecode(data, _REDUCED[factor])
+            if img is not None:
+                return img, size, factor
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError("not a readable image (unknown format or corrupt data)")
+    return img, (img.shape[1], img.shape[0]), 1
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to `.NAME.partial` beside the target, then rename over it.
+
+    A crash or kill leaves at most a hidden .partial file (overwritten by the next run that
+    writes this image), never a truncated PNG under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def encode(ext: str, image: np.ndarray, params: list[int] | None = None) -> bytes:
+    ok, buf = cv2.imencode(ext, image, params or [])
+    if not ok:
+        raise ValueError(f"could not encode {ext}")
+    return buf.tobytes()

@@ -1,0 +1,70 @@
+"""Augmentation aimed at other cameras and hospitals, not only DRIVE.
+
+Geometry: any rotation, both flips, scale 0.75-1.33 (FOV-size normalisation leaves only this
+much calibre variation), one warp per sample so crops never show interpolation twice.
+Photometry: contrast/brightness, gamma, per-channel colour balance, blur (defocus), sensor noise
+and JPEG artefacts (screening images are often JPEG).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: int = 256
+    scale: tuple[float, float] = (0.75, 1.33)
+    contrast: tuple[float, float] = (0.7, 1.4)
+    brightness: float = 25.0
+    gamma: tuple[float, float] = (0.7, 1.5)
+    colour: float = 0.15
+    p_blur: float = 0.2
+    p_noise: float = 0.3
+    p_jpeg: float = 0.2
+
+
+def random_view(image: np.ndarray, target: np.ndarray, fov: np.ndarray,
+                rng: np.random.Generator, cfg: AugmentConfig):
+    """A rotated, scaled, flipped `cfg.crop`-sized view centred on a random FOV pixel."""
+    size = cfg.crop
+    ys, xs = np.nonzero(fov)
+    if len(xs):
+        i = rng.integers(len(xs))
+        cx, cy = float(xs[i]), float(ys[i])
+    else:
+        cx, cy = image.shape[1] / 2, image.shape[0] / 2
+    scale = float(np.exp(rng.uniform(*np.log(cfg.scale))))
+    matrix = cv2.getRotationMatrix2D((cx, cy), float(rng.uniform(0, 360)), scale)
+    matrix[:, 2] += (size / 2 - cx, size / 2 - cy)
+    if rng.random() < 0.5:  # horizontal flip, folded into the same warp
+        matrix[0] = -matrix[0]
+        matrix[0, 2] += size - 1
+    warp = dict(dsize=(size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return (cv2.warpAffine(image, matrix, **warp), cv2.warpAffine(target, matrix, **warp))
+
+
+def photometric(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+    x = image.astype(np.float32) / 255.0
+    x = x * rng.uniform(*cfg.contrast) + rng.uniform(-cfg.brightness, cfg.brightness) / 255.0
+    x = x * (1.0 + rng.uniform(-cfg.colour, cfg.colour, size=3)).astype(np.float32)
+    x = np.clip(x, 0, 1) ** rng.uniform(*cfg.gamma)
+    if rng.random() < cfg.p_blur:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.3))
+    if rng.random() < cfg.p_noise:
+        x = x + rng.normal(0, rng.uniform(0.005, 0.03), x.shape).astype(np.float32)
+    out = (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if rng.random() < cfg.p_jpeg:
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 95))])
+        out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    return out
+
+
+def augment(image: np.ndarray, target: np.ndarray, fov: np.ndarray, rng: np.random.Generator,
+            cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One training view: uint8 crop x crop x 3 and float32 crop x crop target in [0, 1]."""
+    view, view_target = random_view(image, target, fov, rng, cfg)
+    return photometric(view, rng, cfg), view_target

@@ -51,7 +51,7 @@ def main():
 @click.option("--crop", default=256, show_default=True, help="[data] Training crop side.")
 @click.option("--group", default="auto", show_default=True,
               help="[data] Which files share a source photograph: auto, stem, div:K, "
-                   "regex:PATTERN. auto = div:4 for numbered files (4 copies per photograph).")
+                   "regex:PATTERN. auto = div:4 for files named 0..N-1 (4 copies per photograph).")
 @click.option("--val-fraction", default=0.2, show_default=True,
               help="[data] Fraction of photographs held out for validation.")
 @click.option("--epochs", default=28, show_default=True, help="[schedule] Epochs.")
@@ -159,6 +159,55 @@ def segment(source, as_json, quiet, **options):
     if summary["interrupted"]:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_SOME_FAILED if summary["counts"]["error"] else EXIT_OK)
+
+
+@main.command()
+@click.argument("pred_dir", type=click.Path(file_okay=False))
+@click.argument("truth_dir", type=click.Path(file_okay=False))
+@click.option("--prob", "prob_dir", type=click.Path(file_okay=False),
+              help="Probability maps (8-bit PNG) for ROC AUC, paired by stem.")
+@click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
+              help="Field-of-view masks, paired by stem: adds fov_* scores.")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False),
+              help="The photographs, to detect the field of view when there are no FOV masks.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+              help="Write per-image scores to this CSV.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def evaluate(pred_dir, truth_dir, csv_path, as_json, **options):
+    """Score masks in PRED_DIR against ground-truth masks in TRUTH_DIR.
+
+    Files pair by stem, ignoring markers such as _training, _manual1, _1stHO, .ah, _mask.
+    Reports Dice, IoU, sensitivity, specificity, accuracy (and ROC AUC with --prob), per image
+    and mean, over the whole image and, with --fov or --images, inside the field of view.
+    """
+    from rich.table import Table
+
+    from .evaluate import evaluate as run_evaluate
+    from .evaluate import write_csv
+    from .io import InputError
+
+    try:
+        result = run_evaluate(pred_dir, truth_dir, **options)
+    except InputError as e:
+        fail(str(e))
+    if csv_path:
+        write_csv(result, csv_path)
+    for problem in result["errors"]:
+        err.print(f"[red]error:[/red] {problem['path']}: {problem['error']}")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        table = Table(title=f"{result['images']} images scored (FOV: {result['fov']})",
+                      title_justify="left")
+        table.add_column("score")
+        table.add_column("mean", justify="right")
+        for key, value in result["mean"].items():
+            table.add_row(key, f"{value:.4f}")
+        Console().print(table)
+        if result["unmatched"]:
+            err.print(f"{len(result['unmatched'])} masks had no ground truth, e.g. "
+                      f"{result['unmatched'][0]}")
+    sys.exit(EXIT_SOME_FAILED if result["errors"] else EXIT_OK)
 
 
 def _raise_interrupt(signum, frame):

@@ -100,10 +100,16 @@ def group_of(key: str, rule: str) -> str:
 
 
 def resolve_group_rule(rule: str, pairs: list[Pair]) -> str:
-    """`auto`: div:4 when every key is a number (the augmented 80-image set), else stem."""
+    """`auto`: div:4 for the Retina Blood Vessel layout, else stem.
+
+    That set names its files 0..N-1 with four copies (flips, rotation) of each photograph in a
+    row; DRIVE's numbers (21..40, 01..20) are independent photographs and must stay `stem`.
+    """
     if rule != "auto":
         return rule
-    return "div:4" if all(p.key.isdigit() for p in pairs) else "stem"
+    keys = sorted(int(p.key) for p in pairs) if all(p.key.isdigit() for p in pairs) else []
+    copies_of_four = bool(keys) and keys == list(range(len(keys))) and len(keys) % 4 == 0
+    return "div:4" if copies_of_four else "stem"
 
 
 def split_by_group(pairs: list[Pair], rule: str, val_fraction: float, seed: int):

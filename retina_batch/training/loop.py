@@ -156,7 +156,7 @@ class Trainer:
             self.scaler.step(self.opt)
             self.scaler.update()
             self.sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             progress.update(task, advance=1, loss=f"{np.mean(losses[-20:]):.4f}")
         return float(np.mean(losses))
 

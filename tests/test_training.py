@@ -1,0 +1,208 @@
+"""Dataset pairing, the grouped split, augmentation, a few real training steps, resume, card."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tiny import fundus_like  # noqa: E402
+
+from retina_batch.training.augment import AugmentConfig, augment  # noqa: E402
+from retina_batch.training.dataset import (  # noqa: E402
+    DatasetError,
+    find_pairs,
+    group_of,
+    load_sample,
+    resolve_group_rule,
+    split_by_group,
+)
+
+SIZE = 64
+
+
+def vessel_pair(seed: int):
+    """A fundus-like image and the mask of its dark lines (the 'vessels')."""
+    img = fundus_like(SIZE, SIZE, seed)
+    mask = ((img[..., 2] > 0) & (img[..., 2] < 120)).astype(np.uint8) * 255
+    return img, mask
+
+
+def make_dataset(root: Path, layout: str = "rbv", n: int = 8) -> Path:
+    """n pairs in the Retina Blood Vessel layout (image/N.png + mask/N.png) or DRIVE's."""
+    if layout == "rbv":
+        images, masks = root / "train" / "image", root / "train" / "mask"
+    else:
+        images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(n):
+        img, mask = vessel_pair(i)
+        if layout == "rbv":
+            cv2.imwrite(str(images / f"{i}.png"), img)
+            cv2.imwrite(str(masks / f"{i}.png"), mask)
+        else:
+            cv2.imwrite(str(images / f"{21 + i}_training.tif"), img)
+            cv2.imwrite(str(masks / f"{21 + i}_manual1.png"), mask)
+    return root
+
+
+# --- pairing --------------------------------------------------------------------------
+
+def test_pairs_rbv_layout_in_natural_order(tmp_path):
+    pairs = find_pairs(make_dataset(tmp_path, "rbv", n=12))
+    assert [p.key for p in pairs] == [str(i) for i in range(12)]
+    assert all(p.image.stem == p.mask.stem for p in pairs)
+
+
+def test_pairs_drive_layout_by_stem_without_markers(tmp_path):
+    pairs = find_pairs(make_dataset(tmp_path, "drive", n=3))
+    assert [(p.image.name, p.mask.name) for p in pairs] == [
+        (f"{k}_training.tif", f"{k}_manual1.png") for k in (21, 22, 23)]
+
+
+def test_unpaired_files_are_listed_by_name(tmp_path):
+    root = make_dataset(tmp_path, "drive", n=3)
+    (root / "masks" / "22_manual1.png").unlink()
+    cv2.imwrite(str(root / "masks" / "99_manual1.png"), np.zeros((4, 4), np.uint8))
+    with pytest.raises(DatasetError, match=r"22_training\.tif.*99_manual1\.png"):
+        find_pairs(root)
+
+
+def test_folder_without_image_and_mask_dirs_is_explained(tmp_path):
+    with pytest.raises(DatasetError, match="expected an image folder"):
+        find_pairs(tmp_path)
+
+
+# --- grouped split --------------------------------------------------------------------
+
+def test_group_rules():
+    assert group_of("13", "div:4") == "3"
+    assert group_of("Image_01L", "regex:Image_(\\d+)") == "01"
+    assert group_of("abc", "stem") == "abc"
+    with pytest.raises(DatasetError):
+        group_of("abc", "nonsense")
+
+
+def test_auto_rule_is_div4_for_numbered_files_only(tmp_path):
+    assert resolve_group_rule("auto", find_pairs(make_dataset(tmp_path / "a", "rbv"))) == "div:4"
+    assert resolve_group_rule("auto", find_pairs(make_dataset(tmp_path / "b", "drive"))) == "stem"
+
+
+def test_split_keeps_every_copy_of_a_photograph_on_one_side(tmp_path):
+    pairs = find_pairs(make_dataset(tmp_path, "rbv", n=80))
+    for seed in range(5):
+        train, val = split_by_group(pairs, "div:4", 0.2, seed)
+        train_groups = {int(p.key) // 4 for p in train}
+        val_groups = {int(p.key) // 4 for p in val}
+        assert not train_groups & val_groups
+        assert len(val_groups) == 4 and len(val) == 16 and len(train) == 64
+
+
+# --- augmentation ---------------------------------------------------------------------
+
+def test_augmentation_shapes_types_and_label_alignment(tmp_path):
+    sample = load_sample(find_pairs(make_dataset(tmp_path, "rbv", n=1))[0], SIZE)
+    cfg = AugmentConfig(crop=32, p_blur=0, p_noise=0, p_jpeg=0)
+    rng = np.random.default_rng(0)
+    views = [augment(sample.image, sample.target, sample.fov, rng, cfg) for _ in range(8)]
+    for image, target in views:
+        assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+        assert target.shape == (32, 32) and target.dtype == np.float32
+        assert 0 <= target.min() and target.max() <= 1
+    # The geometry is shared: vessel pixels in the target are dark in the image.
+    image, target = views[0]
+    if (target > 0.9).any() and (target < 0.1).any():
+        assert image[target > 0.9].mean() < image[(target < 0.1) & (image.max(2) > 0)].mean()
+    # Views differ from each other (random geometry and photometry).
+    assert not np.array_equal(views[0][0], views[1][0])
+
+
+# --- training -------------------------------------------------------------------------
+
+def tiny_options(**extra):
+    return {**dict(width=4, depth=3, size=SIZE, crop=32, batch_size=4, steps_per_epoch=4,
+                   epochs=2, val_fraction=0.25, threads=1), **extra}
+
+
+def test_a_few_steps_reduce_the_loss():
+    from retina_batch.model import AttentionUNet, UNetConfig, standardise
+    from retina_batch.training.loss import bce_dice_loss
+
+    torch.manual_seed(0)
+    images = np.stack([vessel_pair(i)[0][..., ::-1] for i in range(4)]).copy()
+    targets = np.stack([vessel_pair(i)[1] > 0 for i in range(4)]).astype(np.float32)
+    x = standardise(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    y = torch.from_numpy(targets)[:, None]
+    net = AttentionUNet(UNetConfig(width=4, depth=3))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = bce_dice_loss(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_train_writes_checkpoint_card_metrics_and_curve(tmp_path):
+    from retina_batch.card import sha256
+    from retina_batch.training.loop import train
+
+    data = make_dataset(tmp_path / "data", "rbv", n=8)
+    card = train(data, tmp_path / "run", log=lambda *a: None, **tiny_options())
+    run = tmp_path / "run"
+    for name in ("model.pt", "model.json", "last.pt", "metrics.csv", "curves.png"):
+        assert (run / name).stat().st_size > 0
+    assert card["sha256"] == sha256(run / "model.pt")
+    assert card["model"] == {"width": 4, "depth": 3, "in_channels": 3}
+    assert card["working_size"] == SIZE and 0.3 <= card["threshold"] <= 0.7
+    assert set(card["training"]["images_val"]).isdisjoint(card["training"]["images_train"])
+    assert card["training"]["group_rule"] == "div:4"
+    assert {"dice", "auc", "sensitivity"} <= set(card["validation"])
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
+
+
+def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatch):
+    from retina_batch.training import loop
+
+    data = make_dataset(tmp_path / "data", "rbv", n=8)
+    quiet = dict(log=lambda *a: None, **tiny_options(epochs=3))
+    loop.train(data, tmp_path / "straight", **quiet)
+
+    real_epoch = loop.Trainer._train_epoch
+
+    def interrupted(self, *args):
+        if self.epoch == 2:
+            raise KeyboardInterrupt  # Ctrl-C during the third epoch
+        return real_epoch(self, *args)
+
+    monkeypatch.setattr(loop.Trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(data, tmp_path / "resumed", **quiet)
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(loop.Trainer, "_train_epoch", real_epoch)
+    loop.train(data, tmp_path / "resumed", resume=True, **quiet)
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), atol=1e-5), key
+    assert len((tmp_path / "resumed" / "metrics.csv").read_text().splitlines()) == 4
+
+
+def test_train_cli_reports_unpaired_data_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+
+    root = make_dataset(tmp_path, "drive", n=2)
+    (root / "masks" / "21_manual1.png").unlink()
+    result = CliRunner().invoke(main, ["train", str(root), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "21_training.tif" in result.output and "Traceback" not in result.output

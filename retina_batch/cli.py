@@ -54,7 +54,7 @@ def main():
                    "regex:PATTERN. auto = div:4 for files named 0..N-1 (4 copies per photograph).")
 @click.option("--val-fraction", default=0.2, show_default=True,
               help="[data] Fraction of photographs held out for validation.")
-@click.option("--epochs", default=28, show_default=True, help="[schedule] Epochs.")
+@click.option("--epochs", default=56, show_default=True, help="[schedule] Epochs.")
 @click.option("--steps", "steps_per_epoch", default=48, show_default=True,
               help="[schedule] Optimiser steps per epoch.")
 @click.option("--batch-size", default=8, show_default=True, help="[schedule] Crops per step.")

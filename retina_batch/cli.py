@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 
 import click
 from rich.console import Console
@@ -136,22 +137,31 @@ def segment(source, as_json, quiet, **options):
     from .pipeline import segment as run_segment
     from .report import SegmentProgress, print_summary
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    outputs = [options[k] for k in ("out", "prob_dir", "overlay_dir") if options[k]]
     try:
-        total = count_images(source)
+        total = count_images(source, exclude=outputs)
     except InputError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted while listing the input", EXIT_INTERRUPTED)
     if total == 0:
         fail(f"no images found in {source}")
     progress = SegmentProgress(total, console=err, quiet=quiet or as_json)
+    stop = threading.Event()
+    previous = _stop_on_signals(stop)
     try:
         with progress:
             summary = run_segment(source, on_row=progress.row, on_open=progress.opened,
-                                  **options)
+                                  stop=stop, **options)
     except (InputError, BackendUnavailable, FileNotFoundError) as e:
         fail(str(e))
     except OSError as e:
         fail(str(e) if isinstance(e, OutputError) else f"cannot write output: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while the model was loading
+        fail("interrupted before the run could finish its summary", EXIT_INTERRUPTED)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
@@ -210,10 +220,26 @@ def evaluate(pred_dir, truth_dir, csv_path, as_json, **options):
     sys.exit(EXIT_SOME_FAILED if result["errors"] else EXIT_OK)
 
 
-def _raise_interrupt(signum, frame):
-    """SIGTERM (kill, job schedulers) ends a run like Ctrl-C: in-flight work is written."""
-    raise KeyboardInterrupt
+def _stop_on_signals(stop: threading.Event) -> dict:
+    """Ctrl-C and SIGTERM (kill, job schedulers) set `stop`: the pipeline takes no new images,
+    writes what is in flight and the summary, and the command exits 130. A second Ctrl-C
+    interrupts at once. Returns the previous handlers, to restore."""
 
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    return previous
+
+
+from .cli_export import export  # noqa: E402
+
+main.add_command(export)
 
 if __name__ == "__main__":
     main()

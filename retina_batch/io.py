@@ -78,8 +78,11 @@ class InputError(ValueError):
     """The input argument itself is unusable (missing, empty, unreadable list)."""
 
 
-def _walk(root: Path):
-    """Image files under root, depth first, sorted at every level: a stable, lazy order."""
+def _walk(root: Path, exclude: frozenset[Path] = frozenset()):
+    """Image files under root, depth first, sorted at every level: a stable, lazy order.
+
+    Folders in `exclude` (resolved paths: the run's own output folders) are not entered.
+    """
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
@@ -88,7 +91,8 @@ def _walk(root: Path):
         if entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=True):
-            yield from _walk(Path(entry.path))
+            if not exclude or Path(entry.path).resolve() not in exclude:
+                yield from _walk(Path(entry.path), exclude)
         elif entry.is_file() and is_image_file(entry.name):
             yield Path(entry.path)
 
@@ -109,17 +113,20 @@ def _read_list(list_file: Path) -> list[Path]:
             else Path(r[column].strip()) for r in rows if len(r) > column]
 
 
-def discover(source: str | os.PathLike):
+def discover(source: str | os.PathLike, exclude=()):
     """(path, relative output path) for every image of a directory tree, image or list file.
 
     Relative paths mirror the input tree; for a list file they are relative to the list's
     folder (absolute entries outside it keep their full path below the output folder).
+    Folders in `exclude` are skipped when walking a tree, so `segment images --out
+    images/masks` does not segment its own masks on the next run.
     """
     source = Path(source)
     if not source.exists():
         raise InputError(f"input not found: {source}")
     if source.is_dir():
-        return ((p, p.relative_to(source)) for p in _walk(source))
+        skip = frozenset(Path(d).resolve() for d in exclude)
+        return ((p, p.relative_to(source)) for p in _walk(source, skip))
     if source.suffix.lower() in LIST_EXTENSIONS:
         base = source.parent.resolve()
 
@@ -135,9 +142,9 @@ def discover(source: str | os.PathLike):
                      f"or a list of paths ({', '.join(sorted(LIST_EXTENSIONS))})")
 
 
-def count_images(source: str | os.PathLike) -> int:
+def count_images(source: str | os.PathLike, exclude=()) -> int:
     """How many images `discover` will yield (a cheap walk, for progress bars)."""
-    return sum(1 for _ in discover(source))
+    return sum(1 for _ in discover(source, exclude))
 
 
 # --- decoding ----------------------------------------------------------------------------

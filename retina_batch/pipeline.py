@@ -14,6 +14,7 @@ import csv
 import os
 import platform
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,6 +55,9 @@ class Options:
     workers: int = 0  # decode and writer threads each; 0 = number of cores
     inflight: int = 2  # batches submitted to the backend and not yet collected
     write: bool = True  # False: run every stage except writing files (benchmarks)
+    # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
+    # written and recorded, then the run returns its summary with interrupted = True.
+    stop: threading.Event | None = None
 
 
 @dataclass
@@ -76,11 +80,26 @@ class Item:
         return self
 
 
-def _index_by_key(folder: Path | None) -> dict[str, Path]:
-    """Files of a folder tree by pairing key (for --truth and --fov)."""
+def _is_fov_file(path: Path) -> bool:
+    return Path(path).stem.lower().endswith("_mask")
+
+
+def _index_by_key(folder: Path | None, fov: bool = False) -> dict[str, Path]:
+    """Files of a folder tree by pairing key (for --truth and --fov).
+
+    DRIVE-style folders can hold both `21_manual1.gif` (vessels) and `21_training_mask.gif`
+    (field of view), which share the key "21": ground truth prefers the vessel annotation and
+    FOV masks prefer the `_mask` file, whatever the sort order.
+    """
     if folder is None:
         return {}
-    return {pair_key(p): p for p, _ in discover(folder)}
+    index: dict[str, Path] = {}
+    for p, _ in discover(folder):
+        key = pair_key(p)
+        held = index.get(key)
+        if held is None or (_is_fov_file(p) == fov and _is_fov_file(held) != fov):
+            index[key] = p
+    return index
 
 
 def _timed(row: dict, stage: str, start: float) -> float:
@@ -97,7 +116,8 @@ class Pipeline:
         self.workers = options.workers or os.cpu_count() or 2
         self.on_row = on_row or (lambda row: None)
         self.truth = _index_by_key(options.truth_dir)
-        self.fov_files = _index_by_key(options.fov_dir)
+        self.fov_files = _index_by_key(options.fov_dir, fov=True)
+        self.stop = options.stop or threading.Event()
         self.counts = {"ok": 0, "error": 0, "skipped": 0, "no_fov": 0}
         self.failures: list[dict] = []
         self.stage_totals = dict.fromkeys(STAGES, 0.0)
@@ -140,7 +160,7 @@ class Pipeline:
 
     def finish(self, item: Item, canvas_prob: np.ndarray) -> Item:
         """Back to the original size, threshold, FOV, write, score. Never raises."""
-        row, start = item.row, time.perf_counter()
+        row, start, stage = item.row, time.perf_counter(), "postprocess"
         try:
             width, height = row["width"], row["height"]
             prob = unletterbox(canvas_prob, item.letterbox)
@@ -153,14 +173,16 @@ class Pipeline:
                        vessel_fraction=round(np.count_nonzero(mask) / max(fov_area, 1), 5))
             start = _timed(row, "postprocess_s", start)
             if item.truth is not None:
+                stage = "truth"
                 self._score(item, prob, fov)
             if self.opt.write:
+                stage = "write"
                 self._write(item, prob, mask)
             _timed(row, "write_s", start)
             row.update(status="ok", message="" if item.fov.found else
                        "no field of view found (not a fundus photograph?): whole image used")
         except Exception as e:
-            item.fail("write", e)
+            item.fail(stage, e)
         item.image = item.canvas = None
         return item
 
@@ -199,12 +221,18 @@ class Pipeline:
         self.writes: deque[Future] = deque()
         threads = cv2.getNumThreads()
         cv2.setNumThreads(1)  # parallelism comes from our pools; nested cv2 threads oversubscribe
+        # A bad file is one row and one line from the CLI: OpenCV's own decoder warnings
+        # (libpng, libtiff, ...) would add several unexplained stderr lines per file.
+        log_level = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         self.decoder = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         self.writer = ThreadPoolExecutor(self.workers, thread_name_prefix="write")
         try:
             try:
                 self._feed(source)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
+                self.stop.set()
+            if self.stop.is_set():
                 self.interrupted = True
                 for future in self.decodes:
                     future.cancel()
@@ -216,12 +244,15 @@ class Pipeline:
             self.decoder.shutdown(wait=True, cancel_futures=True)
             self.writer.shutdown(wait=True)
             cv2.setNumThreads(threads)
+            cv2.utils.logging.setLogLevel(log_level)
             self._metrics_file.close()
         return self._summary(time.perf_counter() - t0, metrics_path)
 
     def _feed(self, source) -> None:
         decode_window = 2 * self.workers + self.backend.batch_size
-        for path, rel in discover(source):
+        for path, rel in discover(source, exclude=self._output_dirs()):
+            if self.stop.is_set():
+                return
             item = Item(Path(path), Path(rel))
             item.row.update(run_id=self.run_id, path=str(path),
                             output=str(rel.with_suffix(".png")))
@@ -230,10 +261,16 @@ class Pipeline:
             key = pair_key(path)
             item.truth, item.fov_file = self.truth.get(key), self.fov_files.get(key)
             self.decodes.append(self.decoder.submit(self.load, item))
-            while len(self.decodes) >= decode_window:
-                self._take_decoded(self.decodes.popleft())
-        while self.decodes:
-            self._take_decoded(self.decodes.popleft())
+            while len(self.decodes) >= decode_window and not self.stop.is_set():
+                self._take_decoded(self.decodes[0].result())
+                self.decodes.popleft()
+        while self.decodes and not self.stop.is_set():
+            self._take_decoded(self.decodes[0].result())
+            self.decodes.popleft()
+
+    def _output_dirs(self) -> list[Path]:
+        """Where this run writes: never read back as input when it lies inside the input tree."""
+        return [d for d in (self.opt.out, self.opt.prob_dir, self.opt.overlay_dir) if d]
 
     def _skip(self, item: Item) -> bool:
         name = item.rel.with_suffix(".png")
@@ -248,8 +285,7 @@ class Pipeline:
         self.on_row({**item.row, "status": "skipped"})  # progress only: its row is on file
         return True
 
-    def _take_decoded(self, future: Future) -> None:
-        item = future.result()
+    def _take_decoded(self, item: Item) -> None:
         if item.row.get("status") == "error":
             self._record(item)
             return
@@ -264,29 +300,39 @@ class Pipeline:
             it.canvas = None
         self.inferring.append((items, self.backend.submit(canvases), time.perf_counter()))
         while len(self.inferring) > self.opt.inflight:
-            self._take_inferred(*self.inferring.popleft())
+            self._take_inferred()
 
-    def _take_inferred(self, items: list[Item], future: Future, submitted: float) -> None:
+    def _take_inferred(self) -> None:
+        """Hand the oldest batch in the backend to the writers (waiting for it first)."""
+        items, future, submitted = self.inferring[0]
         try:
-            probs = future.result()
+            probs = future.result()  # popped only after the wait: an interrupt loses nothing
         except Exception as e:  # a backend failure fails its batch, the run goes on
+            self.inferring.popleft()
             for it in items:
                 self._record(it.fail("infer", e))
             return
+        self.inferring.popleft()
         seconds = getattr(future, "compute_seconds", time.perf_counter() - submitted)
         for it, prob in zip(items, probs, strict=True):
             it.row["infer_s"] = round(seconds / len(items), 5)
             self.writes.append(self.writer.submit(self.finish, it, prob))
         while len(self.writes) > 2 * self.workers:
-            self._record(self.writes.popleft().result())
+            self._record(self.writes[0].result())
+            self.writes.popleft()
 
     def _drain(self) -> None:
+        """Finish everything taken so far: batches in the backend, rows being written.
+
+        Queues are popped only once their entry is handled, so an interrupt that lands while
+        waiting on one never drops a written image's row."""
         if self.batch:
             self._submit_batch()
         while self.inferring:
-            self._take_inferred(*self.inferring.popleft())
+            self._take_inferred()
         while self.writes:
-            self._record(self.writes.popleft().result())
+            self._record(self.writes[0].result())
+            self.writes.popleft()
 
     # --- records -------------------------------------------------------------------------
     def _open_metrics(self, path: Path) -> None:
@@ -295,6 +341,8 @@ class Pipeline:
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = self.opt.overwrite or not path.exists() or path.stat().st_size == 0
         self._metrics_file = open(path, "w" if fresh else "a", newline="")
+        if not fresh and not _ends_with_newline(path):
+            self._metrics_file.write("\r\n")  # a killed run's half row stays a row of its own
         self._metrics = csv.DictWriter(self._metrics_file, fieldnames=METRIC_FIELDS,
                                        extrasaction="ignore")
         if fresh:
@@ -347,13 +395,24 @@ class Pipeline:
         return summary
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The photograph (BGR for encoding) with vessels tinted green, for people to look at."""
-    h, w = rgb.shape[:2]
-    small = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0 \
-        if mask.shape != (h, w) else mask
+    """The photograph (BGR for encoding) with vessels tinted green, for people to look at.
+
+    Always at the mask's (the original image's) size, also when the photograph was decoded
+    at reduced size: every output of an image has the same geometry.
+    """
+    mask = mask > 0
+    h, w = mask.shape
+    if rgb.shape[:2] != (h, w):
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
     out = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    out[small] = (0.4 * out[small] + (0, 153, 0)).astype(np.uint8)
+    out[mask] = (0.4 * out[mask] + (0, 153, 0)).astype(np.uint8)
     return out
 
 
@@ -388,12 +447,13 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             batch_size: int = 4, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
-            on_row=None, on_open=None) -> dict:
+            on_row=None, on_open=None, stop: threading.Event | None = None) -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
     unusable input, BackendUnavailable for a missing runtime/model, OSError for an unwritable
-    output folder; problems with single images become error rows instead.
+    output folder; problems with single images become error rows instead. Setting `stop`
+    (from a signal handler or another thread) ends the run early and cleanly.
     """
     from .backends import open_backend
 
@@ -409,7 +469,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             raise FileNotFoundError(f"--{name.replace('_dir', '')} folder not found: "
                                     f"{paths[name]}")
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
-                      inflight=inflight, write=write, **paths)
+                      inflight=inflight, write=write, stop=stop, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         if on_open:
             on_open(runner)

@@ -25,7 +25,10 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
     if img is None or img.size == 0:
         raise ValueError("empty image")
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        # Cameras often store 10-14 significant bits in a 16-bit file; a fixed >> 8 would turn
+        # such a photograph almost black (and hide its field of view). Shift by the bits used.
+        shift = max(0, int(img.max()).bit_length() - 8)
+        img = (img >> shift).astype(np.uint8)
     elif img.dtype != np.uint8:
         img = img.astype(np.float32)
         lo, hi = float(img.min()), float(img.max())

@@ -1,0 +1,151 @@
+"""Finding, pairing, decoding and atomically writing image files."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from tiny import fundus_like
+
+from retina_batch.io import (
+    InputError,
+    count_images,
+    decode,
+    discover,
+    jpeg_size,
+    pair_key,
+    read_mask,
+    reduction_for,
+    write_atomic,
+)
+
+
+def touch_image(path: Path, size=(12, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(".png", np.zeros((size[1], size[0], 3), np.uint8))
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def test_discover_walks_tree_in_stable_order_and_mirrors_it(tmp_path):
+    src = tmp_path / "in"
+    for name in ["b.PNG", "a.jpg", "sub/z/c.TIFF", "sub/d.bmp", ".hidden.png", ".cache/e.png",
+                 "notes.txt", "sub/f.Jpeg", "g.ppm", "h.pgm", "i.gif", "j.tif"]:
+        touch_image(src / name)
+    found = [(p.relative_to(src).as_posix(), rel.as_posix()) for p, rel in discover(src)]
+    # Sorted by name at every level, depth first; hidden files/folders and non-images skipped.
+    assert [rel for _, rel in found] == [
+        "a.jpg", "b.PNG", "g.ppm", "h.pgm", "i.gif", "j.tif", "sub/d.bmp", "sub/f.Jpeg",
+        "sub/z/c.TIFF"]
+    assert all(p == rel for p, rel in found)
+    assert count_images(src) == 9
+
+
+def test_discover_skips_output_folders_inside_the_input(tmp_path):
+    src = tmp_path / "in"
+    touch_image(src / "a.png")
+    touch_image(src / "masks" / "a.png")
+    touch_image(src / "maps" / "x" / "a.png")
+    rels = [rel.as_posix() for _, rel in discover(src, exclude=[src / "masks", src / "maps"])]
+    assert rels == ["a.png"]
+    assert count_images(src) == 3 and count_images(src, exclude=[src / "masks"]) == 2
+
+
+def test_discover_single_image_and_list_files(tmp_path):
+    a = touch_image(tmp_path / "data" / "eye" / "a.png")
+    b = touch_image(tmp_path / "elsewhere" / "b.png")
+    assert [(p, rel) for p, rel in discover(a)] == [(a, Path("a.png"))]
+
+    txt = tmp_path / "data" / "list.txt"
+    txt.write_text(f"# screening batch 7\neye/a.png\n\n{b}\n")
+    found = list(discover(txt))
+    assert [p for p, _ in found] == [a, b]
+    assert found[0][1] == Path("eye/a.png")
+    # An entry outside the list's folder keeps its absolute path below OUT (no collisions).
+    assert found[1][1] == Path(*b.resolve().parts[1:])
+
+    csv_file = tmp_path / "data" / "list.csv"
+    csv_file.write_text("patient,path\n17,eye/a.png\n18,missing.png\n")
+    assert [(p.name, rel.as_posix()) for p, rel in discover(csv_file)] == [
+        ("a.png", "eye/a.png"), ("missing.png", "missing.png")]
+
+
+def test_discover_rejects_unusable_input(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        discover(tmp_path / "nope")
+    notes = tmp_path / "notes.doc"
+    notes.write_text("x")
+    with pytest.raises(InputError, match="not a folder, an image"):
+        discover(notes)
+
+
+@pytest.mark.parametrize("image, truth", [
+    ("21_training.tif", "21_manual1.gif"),
+    ("Image_01L.jpg", "Image_01L_1stHO.png"),
+    ("im0001.ppm", "im0001.ah.ppm"),
+    ("01_h.JPG", "01_h.tif"),
+    ("21_training.tif", "21_training_mask.gif"),
+])
+def test_pair_key_matches_annotation_names(image, truth):
+    assert pair_key(image) == pair_key(truth)
+
+
+def test_pair_key_keeps_distinct_images_apart():
+    assert len({pair_key(n) for n in ["1.png", "11.png", "1_test.png", "a_seg_b.png"]}) == 3
+
+
+def test_reduced_jpeg_decoding_keeps_the_original_size(tmp_path):
+    big = cv2.resize(fundus_like(350, 233), (3504, 2336), interpolation=cv2.INTER_LINEAR)
+    path = tmp_path / "big.JPG"
+    assert cv2.imwrite(str(path), big)
+    data = np.fromfile(str(path), np.uint8)
+    assert jpeg_size(data) == (3504, 2336)
+    img, size, factor = decode(path, working_size=512)
+    assert size == (3504, 2336) and factor == reduction_for(size, 512) == 4
+    assert img.shape == (584, 876, 3)
+    img, size, factor = decode(path, working_size=64)
+    assert factor == 8 and img.shape == (292, 438, 3) and size == (3504, 2336)
+    # Small JPEGs and other formats are decoded at full size.
+    img, size, factor = decode(path, working_size=4000)
+    assert factor == 1 and img.shape == (2336, 3504, 3)
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"this is not an image", "not a readable image"),
+])
+def test_decode_errors_say_why(tmp_path, content, reason):
+    path = tmp_path / "x.png"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=reason):
+        decode(path, 64)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".tif", ".bmp"])
+def test_truncated_files_are_not_decoded_as_images(tmp_path, ext):
+    ok, buf = cv2.imencode(ext, fundus_like(400, 300))
+    path = tmp_path / f"cut{ext}"
+    path.write_bytes(buf.tobytes()[: len(buf) // 2])
+    with pytest.raises(ValueError):
+        decode(path, 64)
+
+
+def test_read_mask_thresholds_any_depth(tmp_path):
+    mask = np.zeros((5, 7), np.uint8)
+    mask[1, 2] = 255
+    mask[3, 4] = 100  # at or below 127: background
+    assert cv2.imwrite(str(tmp_path / "m.png"), mask)
+    assert cv2.imwrite(str(tmp_path / "m16.png"), mask.astype(np.uint16) * 257)
+    assert cv2.imwrite(str(tmp_path / "m3.bmp"), cv2.merge([mask, mask, mask]))
+    for name in ("m.png", "m16.png", "m3.bmp"):
+        got = read_mask(tmp_path / name)
+        assert got.shape == (5, 7) and got.dtype == bool
+        assert np.argwhere(got).tolist() == [[1, 2]]
+
+
+def test_write_atomic_replaces_without_leaving_temporaries(tmp_path):
+    target = tmp_path / "deep" / "er" / "mask.png"
+    write_atomic(target, b"first")
+    write_atomic(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["mask.png"]

@@ -1,0 +1,144 @@
+"""Colour conversion, field-of-view detection and the letterbox round trip."""
+
+import cv2
+import numpy as np
+import pytest
+from tiny import fundus_like
+
+from retina_batch.io import decode, read_mask
+from retina_batch.preprocess import detect_fov, letterbox, to_rgb8, unletterbox
+
+
+def test_to_rgb8_handles_every_decoded_layout():
+    bgr = fundus_like(40, 30)
+    rgb = bgr[:, :, ::-1]
+    assert np.array_equal(to_rgb8(bgr), rgb)
+    assert np.array_equal(to_rgb8(cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)), rgb)
+    gray = bgr[:, :, 1]
+    assert np.array_equal(to_rgb8(gray), np.dstack([gray] * 3))
+    assert np.array_equal(to_rgb8(gray[:, :, None]), np.dstack([gray] * 3))
+    # Full-range 16 bit: the same picture as the 8-bit file.
+    assert np.array_equal(to_rgb8(bgr.astype(np.uint16) * 257), rgb)
+    out = to_rgb8(np.full((4, 4), 0.25, np.float32))
+    assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
+    with pytest.raises(ValueError):
+        to_rgb8(np.zeros((4, 4, 2), np.uint8))
+
+
+def test_to_rgb8_keeps_12_bit_photographs_visible():
+    bgr = fundus_like(40, 30)
+    twelve_bit = bgr.astype(np.uint16) << 4  # 12 significant bits in a 16-bit file
+    assert np.array_equal(to_rgb8(twelve_bit), bgr[:, :, ::-1])
+    assert detect_fov(to_rgb8(twelve_bit)).found
+
+
+@pytest.mark.parametrize("width, height", [(565, 584), (301, 203), (1000, 640)])
+def test_detect_fov_on_a_synthetic_disc(width, height):
+    img = fundus_like(width, height)[:, :, ::-1].copy()
+    fov = detect_fov(img)
+    radius = int(0.45 * min(width, height))
+    assert fov.found
+    assert fov.mask.shape == (height, width)
+    assert fov.area == pytest.approx(np.pi * radius**2, rel=0.03)
+    x0, y0, x1, y1 = fov.box
+    assert abs((x0 + x1) / 2 - width / 2) <= 3 and abs((y0 + y1) / 2 - height / 2) <= 3
+    assert abs((x1 - x0) - 2 * radius) <= 6
+
+
+@pytest.mark.parametrize("image", [
+    np.full((50, 70, 3), 128, np.uint8),  # no dark rim: not a fundus photograph
+    np.zeros((50, 70, 3), np.uint8),  # black
+    np.full((1, 1, 3), 200, np.uint8),  # a single pixel
+])
+def test_detect_fov_falls_back_to_the_whole_frame(image):
+    fov = detect_fov(image)
+    assert not fov.found
+    assert fov.box == (0, 0, image.shape[1], image.shape[0])
+    assert fov.area == image.shape[0] * image.shape[1]
+
+
+@pytest.mark.parametrize("width, height", [(1, 1), (3, 2), (65, 63), (301, 203), (90, 700)])
+def test_letterbox_round_trip_lands_on_the_original_pixels(width, height):
+    rng = np.random.default_rng(width * height)
+    # A smooth random field, so resampling twice changes values only slightly.
+    small = rng.uniform(0, 255, (3, 3, 3)).astype(np.float32)
+    img = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    box = (width // 5, height // 7, width - width // 6, height)
+    canvas, lb = letterbox(img, box, 64)
+    assert canvas.shape == (64, 64, 3)
+    px0, py0, px1, py1 = lb.placed
+    assert max(px1 - px0, py1 - py0) == 64  # the longer side fills the canvas
+    assert not canvas[:py0].any() and not canvas[py1:].any()  # black bars outside
+    back = unletterbox(canvas[:, :, 0].astype(np.float32), lb)
+    assert back.shape == (height, width)
+    x0, y0, x1, y1 = box
+    assert not back[:y0].any() and not back[:, :x0].any() and not back[:, x1:].any()
+    if min(x1 - x0, y1 - y0) >= 40:  # enough pixels for the resampling to be faithful
+        err = np.abs(back[y0:y1, x0:x1] - img[y0:y1, x0:x1, 0])
+        assert np.median(err) < 8
+
+
+def test_letterbox_of_a_reduced_decode_maps_back_to_full_size(tmp_path):
+    big = cv2.resize(fundus_like(438, 292), (3504, 2336), interpolation=cv2.INTER_NEAREST)
+    path = tmp_path / "big.jpg"
+    assert cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    raw, size, factor = decode(path, 64)
+    assert factor == 8
+    rgb = to_rgb8(raw)
+    fov = detect_fov(rgb)
+    canvas, lb = letterbox(rgb, fov.box, 64, size)
+    assert lb.image_size == (3504, 2336)
+    # The FOV box in original pixels is the decoded box scaled by the reduction factor.
+    limits = (3504, 2336, 3504, 2336)
+    assert lb.box == tuple(min(v * 8, lim) for v, lim in zip(fov.box, limits, strict=True))
+    back = unletterbox(np.ones((64, 64), np.float32), lb)
+    assert back.shape == (2336, 3504)
+    x0, y0, x1, y1 = lb.box
+    assert back[y0:y1, x0:x1].min() == 1 and back.sum() == (x1 - x0) * (y1 - y0)
+
+
+# --- real photographs ------------------------------------------------------------------
+
+def _fov_of(path):
+    raw, _, _ = decode(path, 512)
+    return detect_fov(to_rgb8(raw))
+
+
+def test_fov_on_drive_photographs(shared_data):
+    """DRIVE has no FOV masks in shared/ (only vessel annotations, *_manual1.gif), so check the
+    geometry DRIVE documents instead: a ~540 px circular FOV in a 565x584 frame (69.4% of the
+    pixels), containing every annotated vessel."""
+    images = sorted((shared_data / "drive-training" / "images").glob("*_training.tif"))
+    if not images:
+        pytest.skip("drive-training/images is empty")
+    for path in images[::4]:
+        fov = _fov_of(path)
+        assert fov.found, path.name
+        x0, y0, x1, y1 = fov.box
+        assert 525 <= x1 - x0 <= 555 and 525 <= y1 - y0 <= 555, (path.name, fov.box)
+        assert fov.mask.mean() == pytest.approx(np.pi * 270**2 / (565 * 584), abs=0.01)
+        truth = shared_data / "drive-training" / "masks" / path.name.replace(
+            "_training.tif", "_manual1.gif")
+        if truth.exists():
+            vessels = read_mask(truth)
+            inside = np.count_nonzero(vessels & (fov.mask > 0)) / np.count_nonzero(vessels)
+            assert inside > 0.999, (path.name, inside)
+
+
+def test_fov_on_resized_and_augmented_photographs(shared_data):
+    """retina-blood-vessel holds the same DRIVE photographs at 512x512, flipped and rotated
+    (the rotated copies have reflected FOV fragments in the corners): the area fraction must
+    be DRIVE's, and the original copies (N % 4 == 0) contain their annotated vessels."""
+    folder = shared_data / "retina-blood-vessel" / "train"
+    images = sorted((folder / "image").glob("*.png"), key=lambda p: int(p.stem))
+    if not images:
+        pytest.skip("retina-blood-vessel/train/image is empty")
+    for path in images[::7]:
+        fov = _fov_of(path)
+        assert fov.found, path.name
+        assert fov.mask.mean() == pytest.approx(0.694, abs=0.01), path.name
+        mask = folder / "mask" / path.name
+        if int(path.stem) % 4 == 0 and mask.exists():
+            vessels = read_mask(mask)
+            inside = np.count_nonzero(vessels & (fov.mask > 0)) / np.count_nonzero(vessels)
+            assert inside > 0.999, (path.name, inside)

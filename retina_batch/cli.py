@@ -14,6 +14,7 @@ import threading
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 
@@ -24,7 +25,8 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def fail(message: str, status: int = EXIT_USAGE):
-    err.print(f"[red]error:[/red] {message}")
+    # Escaped: messages quote paths and install hints such as 'retina-batch[train]'.
+    err.print(f"[red]error:[/red] {escape(message)}")
     sys.exit(status)
 
 
@@ -240,6 +242,8 @@ def _stop_on_signals(stop: threading.Event) -> dict:
 from .cli_export import export  # noqa: E402
 
 main.add_command(export)
+
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,91 @@
+"""`retina-batch export`: the click command over export.export (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+# cli.py imports this module at its end, so cli's helpers are imported inside the functions
+# (also works when cli.py runs as __main__, where a top-level import would be circular).
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="[outputs] Folder for model.onnx, model.fp16.onnx and their .json cards.")
+@click.option("--size", metavar="HxW",
+              help="[model] Working canvas, e.g. 512x512 (default: the card's working size).")
+@click.option("--batch", default="1,4,16", show_default=True, metavar="MIN,OPT,MAX",
+              help="[engine] Batch sizes the engine accepts (MIN..MAX) and is tuned for (OPT).")
+@click.option("--engine-dir", default="engines", show_default=True,
+              type=click.Path(file_okay=False), help="[engine] Where the engine lands.")
+@click.option("--workspace", "workspace_mib", type=click.IntRange(16), metavar="MiB",
+              help="[engine] Limit TensorRT's build workspace (default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False),
+              help="[engine] Timing cache file, reused and updated "
+                   "(default: ENGINE_DIR/timing.<sm>.<trt>.cache).")
+@click.option("--no-engine", is_flag=True, help="[engine] Only write the ONNX files.")
+@click.option("--require-engine", is_flag=True,
+              help="[engine] Exit 1 when no engine could be built (no TensorRT or GPU).")
+@click.option("--parity-images", "parity_folder", type=click.Path(file_okay=False, exists=True),
+              help="[checks] Photographs for the parity checks (default: the validation "
+                   "images named in the card if present, else synthetic ones).")
+@click.option("--parity-count", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="[checks] How many images the parity checks use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def export(checkpoint, out, no_engine, as_json, **options):
+    """Export a trained CHECKPOINT (.pt + its model.json card) for deployment.
+
+    \b
+    Writes OUT/model.onnx (fp32) and OUT/model.fp16.onnx (mixed precision, for GPUs), each
+    checked against its reference (PyTorch; fp32) with the figures in its card; then, where
+    TensorRT and an NVIDIA GPU are present, ENGINE_DIR/<run>.sm<XY>.engine + .json sidecar.
+    Without them the ONNX files are still written and the exit status is 0.
+    Run it after every retraining, and on each GPU type that will run the engine.
+    """
+    from rich.markup import escape
+
+    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
+
+    try:
+        from .export import EngineUnavailable, ExportError, ParityError
+        from .export import export as run_export
+    except ImportError as e:
+        fail(escape(f"export needs PyTorch and onnx ({e.name} is missing): "
+                    "pip install 'retina-batch[train]'"))
+    try:
+        summary = run_export(checkpoint, out, engine=not no_engine, log=err.print, **options)
+    except (EngineUnavailable, ParityError) as e:  # the ONNX files are written; not a misuse
+        fail(escape(str(e)), EXIT_SOME_FAILED)
+    except ExportError as e:
+        fail(escape(str(e)), EXIT_USAGE)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if not k.endswith("_card")},
+                              indent=2, default=str))
+    else:
+        _print_summary(summary, err)
+    if summary["engine"]:
+        err.print(f"[green]engine[/green] {summary['engine']} (+ .json sidecar)")
+    else:  # also with --json (on stderr): the one line that says why and what to install
+        err.print(f"[yellow]{escape(summary['engine_skipped'])}[/yellow]", soft_wrap=True)
+    sys.exit(EXIT_OK)
+
+
+def _print_summary(summary: dict, err) -> None:
+    from pathlib import Path
+
+    from rich.table import Table
+
+    folder = Path(summary["onnx"]).parent
+    table = Table(title=f"exported to {folder}/ at {summary['size']}x{summary['size']}",
+                  title_justify="left")
+    for column in ("file", "checked against", "max |diff|", "mask Dice (worst)", "agreement"):
+        table.add_column(column, justify="left" if column in ("file", "checked against")
+                         else "right")
+    for key, parity in (("onnx", summary["parity_fp32"]), ("onnx_fp16", summary["parity_fp16"])):
+        table.add_row(Path(summary[key]).name, parity["reference"], f"{parity['max_abs_diff']:.2e}",
+                      f"{parity['mask_dice_min']:.4f}", f"{parity['mask_agreement']:.4%}")
+    err.print(table)
+    err.print(f"parity images: {summary['parity_fp32']['images']}")

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .cli_options import model_options
 
 err = Console(stderr=True, highlight=False)
 
@@ -106,16 +107,10 @@ def train(data_dir, out_dir, resume, **options):
               help="[outputs] Ground-truth masks, paired by stem: adds Dice, IoU, AUC, ...")
 @click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
               help="[model] Field-of-view masks paired by stem (default: detected).")
-@click.option("--backend", default="onnxruntime", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "tensorrt", "torch"]),
-              help="[model] Runtime.")
-@click.option("--model", type=click.Path(dir_okay=False),
-              help="[model] .onnx, .engine or .pt with its .json card (default: shipped model).")
-@click.option("--device", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "cuda"]), help="[model] Where to run.")
+@model_options
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="[model] Vessel probability threshold (default: the model card's).")
-@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 256),
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(1, 256),
               help="[speed] Images per backend call.")
 @click.option("--workers", default=0, type=click.IntRange(0, 256),
               help="[speed] Decode and writer threads (0: one per core).")
@@ -243,7 +238,10 @@ from .cli_export import export  # noqa: E402
 
 main.add_command(export)
 
+from .cli_bench import bench, synth  # noqa: E402
 
+main.add_command(synth)
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()

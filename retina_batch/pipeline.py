@@ -55,6 +55,7 @@ class Options:
     workers: int = 0  # decode and writer threads each; 0 = number of cores
     inflight: int = 2  # batches submitted to the backend and not yet collected
     write: bool = True  # False: run every stage except writing files (benchmarks)
+    reduced_decode: bool = True  # False: always decode at full size (benchmark comparisons)
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
@@ -130,7 +131,8 @@ class Pipeline:
         """Decode, detect the FOV, letterbox onto the canvas. Never raises."""
         start = time.perf_counter()
         try:
-            raw, (width, height), factor = decode(item.path, self.backend.size)
+            raw, (width, height), factor = decode(
+                item.path, self.backend.size if self.opt.reduced_decode else None)
             rgb = to_rgb8(raw)
         except Exception as e:
             return item.fail("decode", e)
@@ -444,10 +446,11 @@ def check_writable(folder: Path) -> None:
 
 
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
-            batch_size: int = 4, workers: int = 0, inflight: int = 2,
+            batch_size: int = 2, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
-            on_row=None, on_open=None, stop: threading.Event | None = None) -> dict:
+            on_row=None, on_open=None, stop: threading.Event | None = None,
+            reduced_decode: bool = True) -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
@@ -469,7 +472,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             raise FileNotFoundError(f"--{name.replace('_dir', '')} folder not found: "
                                     f"{paths[name]}")
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
-                      inflight=inflight, write=write, stop=stop, **paths)
+                      inflight=inflight, write=write, stop=stop,
+                      reduced_decode=reduced_decode, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         if on_open:
             on_open(runner)

@@ -1,0 +1,102 @@
+"""`bench`: the real pipeline measured, with consistent figures, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from retina_batch.bench import STAGE_NAMES, bench
+from retina_batch.cli import main
+from retina_batch.synth import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-images")
+    write_synthetic(folder, 6, (160, 120), "jpg", seed=2)
+    return folder
+
+
+def _check_result(r: dict, images: int) -> None:
+    assert r["images"] == images and r["errors"] == 0
+    assert r["end_to_end_ips"] > 0 and len(r["end_to_end_runs"]) >= 1
+    assert set(r["stage_ms"]) == set(STAGE_NAMES)
+    assert all(v >= 0 for v in r["stage_ms"].values()) and r["stage_ms"]["infer"] > 0
+    assert r["bottleneck"] == max(r["stage_ms"], key=r["stage_ms"].get)
+    host = {k: v for k, v in r["stage_ms"].items() if k != "infer"}
+    assert r["host_bottleneck"] == max(host, key=host.get)
+    assert 0 < r["latency_ms"]["p50"] <= r["latency_ms"]["p95"]
+    assert r["peak_rss_mb"] >= r["rss_after_model_load_mb"] > 10
+    assert 0 < r["cpu_utilisation"] <= 1.05
+    assert 0 <= r["vessel_fraction"] <= 1
+
+
+def test_bench_in_process_has_every_figure(tiny_onnx, images):
+    seen = []
+    record = bench(images, model=tiny_onnx, batch_sizes=(1, 3), workers=(1,), repeat=2,
+                   isolate=False, pure_images=4,
+                   on_result=lambda label, result: seen.append(label))
+    assert seen[0].startswith("naive") and len(seen) == 3
+    assert record["input"]["images"] == 6 and record["input"]["format"] == "jpg"
+    assert (record["input"]["width"], record["input"]["height"]) == (160, 120)
+    assert record["machine"]["cores"] >= 1 and record["machine"]["cpu_model"]
+    assert "onnxruntime" in record["machine"]["software"]
+    assert record["backend"]["backend"] == "onnxruntime"
+    assert record["contention_before"]["load_average"] is not None
+    _check_result(record["naive"], 6)
+    for r, bs in zip(record["results"], (1, 3), strict=True):
+        _check_result(r, 6)
+        assert r["config"] == {"batch_size": bs, "workers": 1, "inflight": 2,
+                               "reduced_decode": True}
+        assert len(r["end_to_end_runs"]) == 2
+        # the ratios are the ratios of the reported figures
+        assert r["efficiency"] == pytest.approx(r["end_to_end_ips"] / r["pure_inference_ips"],
+                                                abs=2e-3)
+        assert r["speedup_vs_naive"] == pytest.approx(
+            r["end_to_end_ips"] / record["naive"]["end_to_end_ips"], abs=2e-3)
+        assert r["pure_inference_images"] % bs == 0
+        # the same model on the same images: the same masks as the naive loop
+        assert r["vessel_fraction"] == pytest.approx(record["naive"]["vessel_fraction"],
+                                                     abs=1e-4)
+    json.dumps(record)  # plain data all the way down
+
+
+def test_bench_synthetic_in_subprocess_with_full_decode(tiny_onnx):
+    record = bench(synthetic=3, size=(700, 500), model=tiny_onnx, batch_sizes=(2,),
+                   repeat=1, reduced_decode=(True, False), naive=False, write=False,
+                   pure_images=2)
+    assert record["input"]["synthetic"] and record["input"]["images"] == 3
+    assert "naive" not in record
+    reduced, full = record["results"]
+    assert reduced["config"]["reduced_decode"] and not full["config"]["reduced_decode"]
+    for r in (reduced, full):
+        _check_result(r, 3)
+        assert r["speedup_vs_naive"] is None
+    assert record["settings"]["isolated"] and not record["settings"]["write"]
+
+
+def test_bench_command_json_and_table(tiny_onnx, images, tmp_path):
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", str(images), "--model", str(tiny_onnx),
+                                       "--batch-size", "2", "--workers", "1", "--repeat", "1",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "naive loop" in result.output and "batch 2 workers 1" in result.output
+    record = json.loads(out.read_text())
+    assert [r["config"]["batch_size"] for r in record["results"]] == [2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "2", "--batch-size", "1,x"], "--batch-size"),
+    (["--synthetic", "2", "--batch-size", "0"], "--batch-size"),
+    (["--synthetic", "2", "--workers", "-1"], "--workers"),
+    (["--synthetic", "2", "--size", "huge"], "--size"),
+    ([], "--synthetic"),
+    (["nowhere/at/all"], "not found"),
+])
+def test_bench_command_user_mistakes_are_one_line(args, message):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output

@@ -45,22 +45,25 @@ def export(checkpoint, out, no_engine, as_json, **options):
     Without them the ONNX files are still written and the exit status is 0.
     Run it after every retraining, and on each GPU type that will run the engine.
     """
+    from importlib.util import find_spec
+
     from rich.markup import escape
 
     from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
 
-    try:
-        from .export import EngineUnavailable, ExportError, ParityError
-        from .export import export as run_export
-    except ImportError as e:
-        fail(escape(f"export needs PyTorch and onnx ({e.name} is missing): "
-                    "pip install 'retina-batch[train]'"))
+    # export.py imports torch and onnx only when exporting; check first for a one-line answer.
+    missing = [name for name in ("torch", "onnx") if find_spec(name) is None]
+    if missing:
+        fail(f"export needs PyTorch and onnx ({', '.join(missing)} missing): "
+             "pip install 'retina-batch[train]'")
+    from .export import EngineUnavailable, ExportError, ParityError
+    from .export import export as run_export
     try:
         summary = run_export(checkpoint, out, engine=not no_engine, log=err.print, **options)
     except (EngineUnavailable, ParityError) as e:  # the ONNX files are written; not a misuse
-        fail(escape(str(e)), EXIT_SOME_FAILED)
+        fail(str(e), EXIT_SOME_FAILED)
     except ExportError as e:
-        fail(escape(str(e)), EXIT_USAGE)
+        fail(str(e), EXIT_USAGE)
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if not k.endswith("_card")},
                               indent=2, default=str))

@@ -173,3 +173,20 @@ def test_segment_with_exported_onnx_gives_the_source_masks(exported, tmp_path):
         b = cv2.imread(str(tmp_path / "torch" / f"{i}.png"), cv2.IMREAD_GRAYSCALE)
         assert a.shape == (80, 96) and 0 < np.count_nonzero(a) < a.size
         assert (a == b).mean() > 0.999
+
+
+def test_export_without_pytorch_is_one_line_with_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "model.pt"), "--out",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "pip install 'retina-batch[train]'" in " ".join(result.output.split())
+    assert "Traceback" not in result.output

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -109,6 +109,35 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class WorkerThreadBackend(Backend):
+    """A runtime with one blocking call (ONNX Runtime, eager PyTorch), run on a worker thread
+    so that `submit` returns at once and the pipeline decodes and writes meanwhile.
+
+    Subclasses implement `_load` (on open), `_run(batch)` -> probabilities, and `_unload`.
+    """
+
+    def _open(self) -> None:
+        self._load()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+
+    def submit(self, batch: np.ndarray) -> Future:
+        self.check_batch(batch)
+        return self.run_timed(self._worker, self._run, np.ascontiguousarray(batch))
+
+    def _close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self._unload()
+
+    @abc.abstractmethod
+    def _load(self) -> None: ...
+
+    @abc.abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _unload(self) -> None: ...
 
 
 def resolve_model(model: str | Path | None, backend: str) -> Path:

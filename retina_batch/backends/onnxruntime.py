@@ -4,16 +4,15 @@ providers are used with `--device cuda` when onnxruntime-gpu provides them."""
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable
+from .base import BackendUnavailable, WorkerThreadBackend
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(WorkerThreadBackend):
     name = "onnxruntime"
 
     def __init__(self, model, batch_size: int = 4, device: str = "auto", threads: int = 0):
@@ -31,7 +30,7 @@ class OnnxRuntimeBackend(Backend):
             gpu = []
         return gpu + ["CPUExecutionProvider"]
 
-    def _open(self) -> None:
+    def _load(self) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -56,18 +55,12 @@ class OnnxRuntimeBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ort")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
         return out.astype(np.float32, copy=False)
 
-    def submit(self, batch: np.ndarray) -> Future:
-        self.check_batch(batch)
-        return self.run_timed(self._executor, self._run, np.ascontiguousarray(batch))
-
-    def _close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def _unload(self) -> None:
         del self.session
 
     def describe(self) -> dict:

@@ -4,12 +4,11 @@ exported graphs compute the same function (model.InferenceModel)."""
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable
+from .base import BackendUnavailable, WorkerThreadBackend
 
 INSTALL_HINT = "pip install 'retina-batch[train]' (PyTorch)"
 
@@ -36,7 +35,7 @@ def load_network(path: str | Path):
     return net.eval()
 
 
-class TorchBackend(Backend):
+class TorchBackend(WorkerThreadBackend):
     name = "torch"
 
     def __init__(self, model, batch_size: int = 4, device: str = "auto", threads: int = 0):
@@ -50,7 +49,7 @@ class TorchBackend(Backend):
                                      "CUDA build of torch, or use --device cpu)")
         return "cuda" if cuda and self.device != "cpu" else "cpu"
 
-    def _open(self) -> None:
+    def _load(self) -> None:
         torch = import_torch()
         from ..model import InferenceModel
 
@@ -59,7 +58,6 @@ class TorchBackend(Backend):
             torch.set_num_threads(self.threads)
         self.module = InferenceModel(load_network(self.model_path)).to(self.torch_device).eval()
         self._torch = torch
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="torch")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
@@ -69,12 +67,7 @@ class TorchBackend(Backend):
                 torch.cuda.synchronize()  # so compute_seconds covers the GPU work
             return out.float().cpu().numpy()
 
-    def submit(self, batch: np.ndarray) -> Future:
-        self.check_batch(batch)
-        return self.run_timed(self._executor, self._run, np.ascontiguousarray(batch))
-
-    def _close(self) -> None:
-        self._executor.shutdown(wait=True)
+    def _unload(self) -> None:
         del self.module
 
     def describe(self) -> dict:

@@ -14,21 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, discover, pair_key, read_image, read_mask
+from .io import InputError, discover, index_by_key, pair_key, read_image, read_mask
 from .metrics import evaluate_mask, mean_scores, roc_auc
 from .preprocess import detect_fov, to_rgb8
 
 
-def index_by_key(folder: str | os.PathLike | None) -> dict[str, Path]:
-    """Image files of a folder tree by pairing key ({} for None)."""
-    if folder is None:
-        return {}
-    if not Path(folder).is_dir():
+def _folder_index(folder: str | os.PathLike | None, fov: bool = False) -> dict[str, Path]:
+    if folder is not None and not Path(folder).is_dir():
         raise InputError(f"not a folder: {folder}")
-    return {pair_key(p): p for p, _ in discover(folder)}
+    return index_by_key(folder, fov)
 
 
-def _fov(key: str, fov_files: dict, image_files: dict, shape) -> np.ndarray | None:
+def _fov(key: str, fov_files: dict, image_files: dict) -> np.ndarray | None:
     """The FOV from a mask file if given, else detected on the photograph, else None."""
     if key in fov_files:
         return read_mask(fov_files[key])
@@ -64,9 +61,9 @@ def evaluate(pred_dir, truth_dir, *, prob_dir=None, fov_dir=None, images_dir=Non
     `fov_dir` gives field-of-view masks; `images_dir` the photographs to detect it on instead.
     With neither, only whole-image scores are computed.
     """
-    truth_files = index_by_key(truth_dir)
-    prob_files, fov_files = index_by_key(prob_dir), index_by_key(fov_dir)
-    image_files = index_by_key(images_dir)
+    truth_files = _folder_index(truth_dir)
+    prob_files, fov_files = _folder_index(prob_dir), _folder_index(fov_dir, fov=True)
+    image_files = _folder_index(images_dir)
     rows, errors, unmatched = [], [], []
     for path, rel in discover(pred_dir):
         key = pair_key(path)
@@ -74,8 +71,7 @@ def evaluate(pred_dir, truth_dir, *, prob_dir=None, fov_dir=None, images_dir=Non
             unmatched.append(str(rel))
             continue
         try:
-            truth_shape = read_mask(truth_files[key]).shape
-            fov = _fov(key, fov_files, image_files, truth_shape)
+            fov = _fov(key, fov_files, image_files)
             scores = score_one(path, truth_files[key], prob_files.get(key), fov)
         except ValueError as e:
             errors.append({"path": str(rel), "error": str(e)})

@@ -147,6 +147,29 @@ def count_images(source: str | os.PathLike, exclude=()) -> int:
     return sum(1 for _ in discover(source, exclude))
 
 
+def _is_fov_file(path: Path) -> bool:
+    return Path(path).stem.lower().endswith("_mask")
+
+
+def index_by_key(folder: str | os.PathLike | None, fov: bool = False) -> dict[str, Path]:
+    """Image files of a folder tree by pairing key ({} for None): ground truth, FOV masks,
+    probability maps to pair with the images of a run.
+
+    DRIVE-style folders can hold both `21_manual1.gif` (vessels) and `21_training_mask.gif`
+    (field of view), which share the key "21": ground truth prefers the vessel annotation and
+    FOV masks (`fov=True`) prefer the `_mask` file, whatever the sort order.
+    """
+    if folder is None:
+        return {}
+    index: dict[str, Path] = {}
+    for p, _ in discover(folder):
+        key = pair_key(p)
+        held = index.get(key)
+        if held is None or (_is_fov_file(p) == fov and _is_fov_file(held) != fov):
+            index[key] = p
+    return index
+
+
 # --- decoding ----------------------------------------------------------------------------
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import __version__
 from .card import write_json_atomic
-from .io import decode, discover, encode, pair_key, read_mask, write_atomic
+from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
 from .metrics import evaluate_image
 from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
 
@@ -81,28 +81,6 @@ class Item:
         return self
 
 
-def _is_fov_file(path: Path) -> bool:
-    return Path(path).stem.lower().endswith("_mask")
-
-
-def _index_by_key(folder: Path | None, fov: bool = False) -> dict[str, Path]:
-    """Files of a folder tree by pairing key (for --truth and --fov).
-
-    DRIVE-style folders can hold both `21_manual1.gif` (vessels) and `21_training_mask.gif`
-    (field of view), which share the key "21": ground truth prefers the vessel annotation and
-    FOV masks prefer the `_mask` file, whatever the sort order.
-    """
-    if folder is None:
-        return {}
-    index: dict[str, Path] = {}
-    for p, _ in discover(folder):
-        key = pair_key(p)
-        held = index.get(key)
-        if held is None or (_is_fov_file(p) == fov and _is_fov_file(held) != fov):
-            index[key] = p
-    return index
-
-
 def _timed(row: dict, stage: str, start: float) -> float:
     now = time.perf_counter()
     row[stage] = round(now - start, 5)
@@ -116,8 +94,8 @@ class Pipeline:
             else backend.threshold
         self.workers = options.workers or os.cpu_count() or 2
         self.on_row = on_row or (lambda row: None)
-        self.truth = _index_by_key(options.truth_dir)
-        self.fov_files = _index_by_key(options.fov_dir, fov=True)
+        self.truth = index_by_key(options.truth_dir)
+        self.fov_files = index_by_key(options.fov_dir, fov=True)
         self.stop = options.stop or threading.Event()
         self.counts = {"ok": 0, "error": 0, "skipped": 0, "no_fov": 0}
         self.failures: list[dict] = []

@@ -526,12 +526,12 @@ def test_drive_photographs_pair_with_their_manual_annotations(tiny_onnx, shared_
 
 
 def test_drive_style_folder_pairs_vessels_as_truth_and_mask_as_fov(tmp_path):
-    from retina_batch.pipeline import _index_by_key
+    from retina_batch.io import index_by_key
 
     for name in ("21_training_mask.png", "21_manual1.png", "22_manual1.png", "23_mask.png"):
         write(tmp_path / "labels" / name, np.zeros((4, 4), np.uint8))
-    truth = _index_by_key(tmp_path / "labels")
-    fov = _index_by_key(tmp_path / "labels", fov=True)
+    truth = index_by_key(tmp_path / "labels")
+    fov = index_by_key(tmp_path / "labels", fov=True)
     assert {k: p.name for k, p in truth.items()} == {
         "21": "21_manual1.png", "22": "22_manual1.png", "23": "23_mask.png"}
     assert fov["21"].name == "21_training_mask.png" and fov["22"].name == "22_manual1.png"

@@ -23,6 +23,7 @@ import numpy as np
 
 from .backends.base import BackendUnavailable
 from .card import load_card, sha256, write_json_atomic
+from .metrics import Confusion, scores
 
 OPSET = 17
 INPUT, OUTPUT = "images", "probabilities"
@@ -156,31 +157,12 @@ def export_onnx(module, path: Path, size: int) -> None:
 
 # --- parity ----------------------------------------------------------------------------------
 def synthetic_fundus(size: int, seed: int) -> np.ndarray:
-    """An RGB canvas that looks enough like a letterboxed fundus photograph: an orange disc with
-    uneven illumination, a bright optic disc and dark branching vessels, plus sensor noise."""
-    import cv2
+    """A synthetic photograph (retina_batch.synth) on the working canvas, prepared as the
+    pipeline prepares real ones: for parity checks when no real photographs are at hand."""
+    from .preprocess import prepare, to_rgb8
+    from .synth import synthesize
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    shade = 0.75 + 0.35 * np.exp(-((xx - 0.4) ** 2 + (yy - 0.5) ** 2) / 0.15)
-    img = np.zeros((size, size, 3), np.float32)
-    img[:] = (170, 80, 35)
-    img *= shade[..., None]
-    disc = (int(size * rng.uniform(0.3, 0.7)), int(size * rng.uniform(0.4, 0.6)))
-    cv2.circle(img, disc, max(2, size // 14), (250, 200, 140), -1)
-    for _ in range(8):  # random-walk vessels leaving the optic disc
-        point, angle = np.array(disc, float), rng.uniform(0, 2 * np.pi)
-        width = max(1, size // 90)
-        for _ in range(12):
-            angle += rng.normal(0, 0.35)
-            step = point + size / 18 * np.array([np.cos(angle), np.sin(angle)])
-            cv2.line(img, tuple(int(v) for v in point), tuple(int(v) for v in step),
-                     (90, 25, 15), width)
-            point = step
-    img += rng.normal(0, 4, img.shape)
-    fov = np.zeros((size, size), np.uint8)
-    cv2.circle(fov, (size // 2, size // 2), size // 2 - 1, 1, -1)
-    return (np.clip(img, 0, 255) * fov[..., None]).astype(np.uint8)
+    return prepare(to_rgb8(synthesize(size, size, seed)[0]), size)[0]
 
 
 def _card_images(card: dict) -> list[Path]:
@@ -238,8 +220,7 @@ def run_torch(module, images: np.ndarray) -> np.ndarray:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+    return scores(Confusion.of(a, b))["dice"]
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, threshold: float) -> dict:

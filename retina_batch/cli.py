@@ -14,21 +14,16 @@ import threading
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
 from . import __version__
-from .cli_options import model_options
-
-err = Console(stderr=True, highlight=False)
-
-# Exit statuses scripts can rely on (documented in README).
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def fail(message: str, status: int = EXIT_USAGE):
-    # Escaped: messages quote paths and install hints such as 'retina-batch[train]'.
-    err.print(f"[red]error:[/red] {escape(message)}")
-    sys.exit(status)
+from .cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    err,
+    fail,
+    model_options,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -10,29 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_options import model_options
-
-# cli.py imports this module at its end, so cli's helpers are imported inside the functions
-# (a top-level import would be circular when cli.py runs as __main__).
-
-
-def fail(message: str, status: int | None = None):
-    from .cli import EXIT_USAGE
-    from .cli import fail as cli_fail
-
-    cli_fail(message, EXIT_USAGE if status is None else status)
-
-
-def _err() -> Console:
-    from .cli import err
-
-    return err
-
-
-def _interrupted() -> int:
-    from .cli import EXIT_INTERRUPTED
-
-    return EXIT_INTERRUPTED
+from .cli_common import EXIT_INTERRUPTED, err, fail, model_options
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -83,7 +61,6 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
     from .synth import write_synthetic
 
     width_height = _size(size)
-    err = _err()
     progress = _progress(err, False)
     task = progress.add_task("synth", total=count)
     try:
@@ -95,7 +72,7 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
     except OSError as e:
         fail(f"cannot write to {out}: {e.strerror or e}")
     except KeyboardInterrupt:
-        fail("interrupted", _interrupted())
+        fail("interrupted", EXIT_INTERRUPTED)
     total = sum(p.stat().st_size for p in paths)
     err.print(f"{count} images {width_height[0]}x{width_height[1]} {fmt} in {out} "
               f"({total / count / 1000:.0f} kB each)")
@@ -147,7 +124,7 @@ def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, wor
     if (source is None) == (synthetic is None):
         fail("give an input folder (SOURCE) or --synthetic N")
     reduced = {"reduced": (True,), "full": (False,), "both": (True, False)}[decode]
-    progress = _progress(_err(), quiet)
+    progress = _progress(err, quiet)
     tasks: dict[str, int] = {}
 
     def on_progress(label: str, done: int, total: int) -> None:
@@ -174,7 +151,7 @@ def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, wor
     except OSError as e:
         fail(f"cannot write: {e}")
     except KeyboardInterrupt:
-        fail("interrupted", _interrupted())
+        fail("interrupted", EXIT_INTERRUPTED)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(record, indent=2) + "\n")

@@ -7,8 +7,7 @@ import sys
 
 import click
 
-# cli.py imports this module at its end, so cli's helpers are imported inside the functions
-# (also works when cli.py runs as __main__, where a top-level import would be circular).
+from .cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
 
 
 @click.command()
@@ -48,8 +47,6 @@ def export(checkpoint, out, no_engine, as_json, **options):
     from importlib.util import find_spec
 
     from rich.markup import escape
-
-    from .cli import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
 
     # export.py imports torch and onnx only when exporting; check first for a one-line answer.
     missing = [name for name in ("torch", "onnx") if find_spec(name) is None]

@@ -1,8 +1,28 @@
-"""Click options shared by several commands, so `segment` and `bench` cannot drift apart."""
+"""What every command module shares: the error line, exit statuses, and common options.
+
+Kept out of cli.py so that the command modules (cli_export, cli_bench) can import it at the
+top: cli.py imports them, so importing cli.py from them would be circular.
+"""
 
 from __future__ import annotations
 
+import sys
+
 import click
+from rich.console import Console
+from rich.markup import escape
+
+err = Console(stderr=True, highlight=False)
+
+# Exit statuses scripts can rely on (documented in README).
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def fail(message: str, status: int = EXIT_USAGE):
+    """One red line on stderr and exit: how every user mistake ends (never a traceback)."""
+    # Escaped: messages quote paths and install hints such as 'retina-batch[train]'.
+    err.print(f"[red]error:[/red] {escape(message)}")
+    sys.exit(status)
 
 BACKENDS = ["auto", "onnxruntime", "tensorrt", "torch"]
 

@@ -242,11 +242,9 @@ class Pipeline:
             item.truth, item.fov_file = self.truth.get(key), self.fov_files.get(key)
             self.decodes.append(self.decoder.submit(self.load, item))
             while len(self.decodes) >= decode_window and not self.stop.is_set():
-                self._take_decoded(self.decodes[0].result())
-                self.decodes.popleft()
+                self._take_oldest_decode()
         while self.decodes and not self.stop.is_set():
-            self._take_decoded(self.decodes[0].result())
-            self.decodes.popleft()
+            self._take_oldest_decode()
 
     def _output_dirs(self) -> list[Path]:
         """Where this run writes: never read back as input when it lies inside the input tree."""
@@ -298,21 +296,26 @@ class Pipeline:
             it.row["infer_s"] = round(seconds / len(items), 5)
             self.writes.append(self.writer.submit(self.finish, it, prob))
         while len(self.writes) > 2 * self.workers:
-            self._record(self.writes[0].result())
-            self.writes.popleft()
+            self._record_oldest_write()
 
     def _drain(self) -> None:
-        """Finish everything taken so far: batches in the backend, rows being written.
-
-        Queues are popped only once their entry is handled, so an interrupt that lands while
-        waiting on one never drops a written image's row."""
+        """Finish everything taken so far: batches in the backend, rows being written."""
         if self.batch:
             self._submit_batch()
         while self.inferring:
             self._take_inferred()
         while self.writes:
-            self._record(self.writes[0].result())
-            self.writes.popleft()
+            self._record_oldest_write()
+
+    # Queues are popped only once their entry is handled, so an interrupt that lands while
+    # waiting on one never drops a written image's row.
+    def _take_oldest_decode(self) -> None:
+        self._take_decoded(self.decodes[0].result())
+        self.decodes.popleft()
+
+    def _record_oldest_write(self) -> None:
+        self._record(self.writes[0].result())
+        self.writes.popleft()
 
     # --- records -------------------------------------------------------------------------
     def _open_metrics(self, path: Path) -> None:

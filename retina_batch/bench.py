@@ -38,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .pipeline import STAGES, Item, Options, Pipeline, software_versions
+from .pipeline import Item, Options, Pipeline
+from .records import STAGES
+from .summary import software_versions
 
 STAGE_NAMES = tuple(s[:-2] for s in STAGES)  # decode, preprocess, infer, postprocess, write
 

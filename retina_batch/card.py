@@ -33,9 +33,11 @@ def card_path(weights: str | os.PathLike) -> Path:
 def load_card(weights: str | os.PathLike) -> dict:
     path = card_path(weights)
     if not path.exists():
+        weights = Path(weights)
         raise FileNotFoundError(
-            f"no model card for {weights}: expected {path} (every model needs its .json card; "
-            "re-run `retina-batch export` to write one)"
+            f"no model card for {weights}: expected {weights.with_name(weights.name + '.json')}"
+            f" (or {path.name}) beside it; every model needs its .json card: re-run "
+            "`retina-batch export` to write one"
         )
     with open(path) as f:
         return json.load(f)

@@ -91,13 +91,15 @@ def train(data_dir, out_dir, resume, **options):
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="[outputs] Mask folder: OUT/<relative path>.png, 0/255, original size.")
+              help="[outputs] Mask folder: OUT/<relative path>.png, 0/255, original size; "
+                   "also its ledger (OUT/.retina-batch), metrics.csv and summary.json.")
 @click.option("--prob", "prob_dir", type=click.Path(file_okay=False),
               help="[outputs] Also write probability maps (8-bit PNG, p x 255) here.")
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
               help="[outputs] Also write JPEG overlays (vessels in green) here.")
 @click.option("--metrics", type=click.Path(dir_okay=False),
-              help="[outputs] Per-image CSV (default OUT/metrics.csv; appended on resume).")
+              help="[outputs] Per-image CSV (default OUT/metrics.csv): one row per input, "
+                   "rewritten from the ledger at the end of every run.")
 @click.option("--truth", "truth_dir", type=click.Path(file_okay=False),
               help="[outputs] Ground-truth masks, paired by stem: adds Dice, IoU, AUC, ...")
 @click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
@@ -109,7 +111,9 @@ def train(data_dir, out_dir, resume, **options):
               help="[speed] Images per backend call.")
 @click.option("--workers", default=0, type=click.IntRange(0, 256),
               help="[speed] Decode and writer threads (0: one per core).")
-@click.option("--overwrite", is_flag=True, help="[run] Redo images whose mask exists.")
+@click.option("--overwrite", is_flag=True,
+              help="[run] Redo every image, also into a folder made with another model or "
+                   "threshold.")
 @click.option("--json", "as_json", is_flag=True, help="[run] Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress bar or table.")
 def segment(source, as_json, quiet, **options):
@@ -117,38 +121,32 @@ def segment(source, as_json, quiet, **options):
 
     SOURCE is a folder (walked recursively; the output tree mirrors it), one image, or a
     .txt/.csv list of paths. Formats: PNG, JPEG, TIFF (8/16-bit), BMP, PPM/PGM, GIF.
-    Images whose mask already exists are skipped (re-run to resume; --overwrite to redo).
+    Re-running the same command continues where it stopped: an image is skipped only when the
+    folder's ledger says it was finished from the same file and its outputs are on disk
+    (--overwrite redoes everything). Inputs are never written.
 
     \b
+    stdout: the summary table (or --json); stderr: progress, the model used, failed images.
     Exit status: 0 all images done, 1 some images failed (see metrics.csv),
                  2 usage error, 130 interrupted (what was in flight is written).
     """
     from .backends import BackendUnavailable
-    from .io import InputError, count_images
-    from .pipeline import OutputError
+    from .io import InputError
+    from .layout import OutputError
     from .pipeline import segment as run_segment
     from .report import SegmentProgress, print_summary
 
-    outputs = [options[k] for k in ("out", "prob_dir", "overlay_dir") if options[k]]
-    try:
-        total = count_images(source, exclude=outputs)
-    except InputError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted while listing the input", EXIT_INTERRUPTED)
-    if total == 0:
-        fail(f"no images found in {source}")
-    progress = SegmentProgress(total, console=err, quiet=quiet or as_json)
+    progress = SegmentProgress(console=err, quiet=quiet or as_json)
     stop = threading.Event()
     previous = _stop_on_signals(stop)
     try:
         with progress:
             summary = run_segment(source, on_row=progress.row, on_open=progress.opened,
-                                  stop=stop, **options)
-    except (InputError, BackendUnavailable, FileNotFoundError) as e:
+                                  on_start=progress.started_run, stop=stop, **options)
+    except (InputError, BackendUnavailable, FileNotFoundError, OutputError) as e:
         fail(str(e))
     except OSError as e:
-        fail(str(e) if isinstance(e, OutputError) else f"cannot write output: {e}")
+        fail(f"cannot write output: {e}")
     except KeyboardInterrupt:  # a second Ctrl-C, or one while the model was loading
         fail("interrupted before the run could finish its summary", EXIT_INTERRUPTED)
     finally:
@@ -157,7 +155,7 @@ def segment(source, as_json, quiet, **options):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
-        print_summary(summary, err)
+        print_summary(summary, Console())
     if summary["interrupted"]:
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_SOME_FAILED if summary["counts"]["error"] else EXIT_OK)

@@ -21,7 +21,8 @@ EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 def fail(message: str, status: int = EXIT_USAGE):
     """One red line on stderr and exit: how every user mistake ends (never a traceback)."""
     # Escaped: messages quote paths and install hints such as 'retina-batch[train]'.
-    err.print(f"[red]error:[/red] {escape(message)}")
+    # soft_wrap: one line whatever the width (the terminal wraps it; logs and grep see one).
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     sys.exit(status)
 
 BACKENDS = ["auto", "onnxruntime", "tensorrt", "torch"]

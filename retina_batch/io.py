@@ -78,22 +78,35 @@ class InputError(ValueError):
     """The input argument itself is unusable (missing, empty, unreadable list)."""
 
 
-def _walk(root: Path, exclude: frozenset[Path] = frozenset()):
+def _walk(root: Path, exclude: frozenset[Path] = frozenset(),
+          ancestors: frozenset[tuple[int, int]] = frozenset()):
     """Image files under root, depth first, sorted at every level: a stable, lazy order.
 
     Folders in `exclude` (resolved paths: the run's own output folders) are not entered.
+    Symbolic links are followed, except one that leads back to a folder being walked (a loop
+    would never end): `ancestors` holds the (device, inode) of the folders above, O(depth).
     """
     try:
+        st = os.stat(root)
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError:
         return
+    here = (st.st_dev, st.st_ino)
+    if here in ancestors:
+        return
+    ancestors = ancestors | {here}
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir(follow_symlinks=True):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+            is_file = not is_dir and entry.is_file()
+        except OSError:  # a link to itself, or a chain too long to follow: not an input
+            continue
+        if is_dir:
             if not exclude or Path(entry.path).resolve() not in exclude:
-                yield from _walk(Path(entry.path), exclude)
-        elif entry.is_file() and is_image_file(entry.name):
+                yield from _walk(Path(entry.path), exclude, ancestors)
+        elif is_file and is_image_file(entry.name):
             yield Path(entry.path)
 
 
@@ -247,8 +260,12 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:  # disk full, I/O error: the target stays as it was, no debris
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -1,19 +1,21 @@
-"""The streaming segmentation pipeline: discover -> decode pool -> batcher -> backend -> writers.
+"""The streaming segmentation pipeline: plan -> decode pool -> batcher -> backend -> writers.
 
 Every stage hands work to the next through a bounded window (a deque of futures that the main
 thread drains oldest-first once it is full), so peak memory depends on the window sizes, not on
 the number of images. Decoding, inference and writing overlap: while the backend computes batch
 k, the decode threads prepare batch k+1 and the writer threads finish batch k-1.
 
-A failure in one image becomes one error row; only an interrupt or a broken backend stops the run.
+A failure in one image becomes one error row; only an interrupt stops the run. This module
+holds the flow only; each of the rest has its own place: where outputs go and the checks made
+before a run (layout), the output folder's ledger (ledger), which inputs a run processes
+(resume), the metrics row and metrics.csv (records), summary.json (summary).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import os
-import platform
-import sys
+import secrets
 import threading
 import time
 from collections import deque
@@ -25,19 +27,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from . import __version__
 from .card import write_json_atomic
 from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
+from .layout import Layout, check_not_inputs, check_writable
+from .ledger import Ledger, RunSettings, relative_to
 from .metrics import evaluate_image
 from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
-
-METRIC_FIELDS = [
-    "run_id", "path", "output", "status", "message", "width", "height", "decode_scale",
-    "fov_found", "fov_area", "vessel_fraction", "threshold",
-    "decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s",
-    "truth", "dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice", "fov_auc",
-]
-STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s")
+from .records import SCORE_FIELDS, write_metrics_csv
+from .resume import Plan, check_settings, plan_run
+from .summary import RunTally, build_summary, model_identity
 
 
 @dataclass
@@ -74,6 +72,7 @@ class Item:
     fov: FieldOfView | None = None
     truth: Path | None = None
     fov_file: Path | None = None
+    outputs: dict = field(default_factory=dict)  # kind -> path relative to OUT, once written
 
     def fail(self, stage: str, error: BaseException) -> Item:
         self.row.update(status="error", message=f"{stage}: {error}")
@@ -88,21 +87,20 @@ def _timed(row: dict, stage: str, start: float) -> float:
 
 
 class Pipeline:
-    def __init__(self, backend, options: Options, on_row=None):
+    def __init__(self, backend, options: Options, on_row=None, on_start=None):
         self.backend, self.opt = backend, options
         self.threshold = options.threshold if options.threshold is not None \
             else backend.threshold
+        self.layout = Layout(options.out, options.prob_dir, options.overlay_dir, options.metrics)
         self.workers = options.workers or os.cpu_count() or 2
         self.on_row = on_row or (lambda row: None)
+        self.on_start = on_start or (lambda plan: None)
         self.truth = index_by_key(options.truth_dir)
         self.fov_files = index_by_key(options.fov_dir, fov=True)
         self.stop = options.stop or threading.Event()
-        self.counts = {"ok": 0, "error": 0, "skipped": 0, "no_fov": 0}
-        self.failures: list[dict] = []
-        self.stage_totals = dict.fromkeys(STAGES, 0.0)
-        self.scores: list[dict] = []
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.outputs_seen: set[Path] = set()
+        self.tally = RunTally()
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.run_id = f"{stamp}-{secrets.token_hex(3)}"  # unique even for runs a second apart
 
     # --- stages run in the thread pools ------------------------------------------------
     def load(self, item: Item) -> Item:
@@ -172,73 +170,118 @@ class Pipeline:
             raise ValueError(f"truth {item.truth.name} is {truth.shape[1]}x{truth.shape[0]}, "
                              f"image is {prob.shape[1]}x{prob.shape[0]}")
         s = evaluate_image(prob, truth, self.threshold, fov)
-        item.row.update(truth=str(item.truth), **{k: round(s[k], 5) for k in (
-            "dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice",
-            "fov_auc")})
+        item.row.update(truth=str(item.truth), **{k: round(s[k], 5) for k in SCORE_FIELDS})
 
     def _write(self, item: Item, prob: np.ndarray, mask: np.ndarray) -> None:
-        name = item.rel.with_suffix(".png")
-        if self.opt.prob_dir:
+        """Every file of the image, each atomically. The ledger records the image only after
+        all of them are written, so one that fails (or a kill) means the image is redone."""
+        paths = self.layout.outputs(item.rel)
+        if "prob" in paths:
             levels = np.clip(prob * 255 + 0.5, 0, 255).astype(np.uint8)
-            write_atomic(self.opt.prob_dir / name, encode(".png", levels))
-        if self.opt.overlay_dir:
-            write_atomic(self.opt.overlay_dir / item.rel.with_suffix(".jpg"),
-                         encode(".jpg", overlay(item.image, mask), [cv2.IMWRITE_JPEG_QUALITY, 85]))
-        # The mask last: its existence is what marks the image done for a resumed run.
-        write_atomic(self.opt.out / name, encode(".png", mask.astype(np.uint8) * 255))
+            self._write_file(item, "prob", encode(".png", levels))
+        if "overlay" in paths:
+            self._write_file(item, "overlay", encode(
+                ".jpg", overlay(item.image, mask), [cv2.IMWRITE_JPEG_QUALITY, 85]))
+        self._write_file(item, "mask", encode(".png", mask.astype(np.uint8) * 255))
 
-    # --- the main thread: windows between the stages ----------------------------------
+    def _write_file(self, item: Item, kind: str, data: bytes) -> None:
+        path = self.layout.outputs(item.rel)[kind]
+        write_atomic(path, data)
+        item.outputs[kind] = relative_to(path, self.layout.out)
+
+    # --- the main thread: plan, then windows between the stages ---------------------------
     def run(self, source) -> dict:
-        self.started = datetime.now(timezone.utc)
-        t0 = time.perf_counter()
+        """Process every input of `source` that the output folder does not hold yet."""
+        started, t0 = datetime.now(timezone.utc), time.perf_counter()
         self.interrupted = False
-        self.opt.out.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.opt.metrics or self.opt.out / "metrics.csv"
-        self._open_metrics(metrics_path)
+        self.ledger, model = self._open_ledger()
+        plan = Plan(started=t0)
+        try:
+            with _opencv_quiet(), self._pools():
+                try:
+                    plan = plan_run(source, self.layout, self.ledger, self.run_id,
+                                    overwrite=self.opt.overwrite, stop=self.stop,
+                                    on_refused=self._refuse, started=t0)
+                    self.on_start(plan)
+                    self._feed(self.ledger.queued(self.run_id))
+                except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
+                    self.stop.set()
+                if self.stop.is_set():
+                    self.interrupted = True
+                    for future in self.decodes:
+                        future.cancel()
+                    self.decodes.clear()
+                    self.batch.clear()
+                # Batches already in the backend and rows being written are finished either way.
+                self._drain()
+            self.ledger.commit()
+            view = self._write_view()
+            self.tally.counts["skipped"] = plan.done
+            summary = build_summary(
+                tally=self.tally, found=plan.found, folder=self.ledger.totals(),
+                wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
+                run_id=self.run_id, threshold=self.threshold, backend=self.backend,
+                model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+            if self.opt.write:
+                write_json_atomic(self.layout.summary_path, summary)
+            return summary
+        finally:
+            self.ledger.close()
+
+    def _open_ledger(self) -> tuple[Ledger, dict]:
+        """The folder's ledger, checked against this run's model and threshold (a folder holds
+        the results of one model and threshold; --overwrite starts it anew)."""
+        model = model_identity(self.backend)
+        ledger = Ledger(self.layout.out if self.opt.write else None)
+        try:
+            model_file = str(getattr(self.backend, "model_path", "") or "")
+            if self.opt.overwrite:
+                ledger.reset()
+            else:
+                check_settings(ledger, self.layout, model["weights_sha256"], model_file,
+                               self.threshold)
+                if self.opt.write and ledger.view_stale():  # a killed run left it behind
+                    self._write_view(ledger)
+        except BaseException:
+            ledger.close()
+            raise
+        ledger.begin(RunSettings(self.run_id, model["weights_sha256"], self.threshold,
+                                 model_file))
+        return ledger, model
+
+    def _write_view(self, ledger: Ledger | None = None) -> dict | None:
+        """Rewrite metrics.csv from the ledger when it no longer matches it."""
+        ledger = ledger or self.ledger
+        if not self.opt.write:
+            return None
+        if ledger.view_stale() or not self.layout.metrics_path.exists() \
+                or ledger.last_view() is None:
+            ledger.view_written(write_metrics_csv(ledger.rows(), self.layout.metrics_path))
+        return ledger.last_view()
+
+    @contextlib.contextmanager
+    def _pools(self):
         self.decodes: deque[Future] = deque()
         self.batch: list[Item] = []
         self.inferring: deque = deque()
         self.writes: deque[Future] = deque()
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)  # parallelism comes from our pools; nested cv2 threads oversubscribe
-        # A bad file is one row and one line from the CLI: OpenCV's own decoder warnings
-        # (libpng, libtiff, ...) would add several unexplained stderr lines per file.
-        log_level = cv2.utils.logging.getLogLevel()
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
         self.decoder = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
         self.writer = ThreadPoolExecutor(self.workers, thread_name_prefix="write")
         try:
-            try:
-                self._feed(source)
-            except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
-                self.stop.set()
-            if self.stop.is_set():
-                self.interrupted = True
-                for future in self.decodes:
-                    future.cancel()
-                self.decodes.clear()
-                self.batch.clear()
-            # Batches already in the backend and rows being written are finished either way.
-            self._drain()
+            yield
         finally:
             self.decoder.shutdown(wait=True, cancel_futures=True)
             self.writer.shutdown(wait=True)
-            cv2.setNumThreads(threads)
-            cv2.utils.logging.setLogLevel(log_level)
-            self._metrics_file.close()
-        return self._summary(time.perf_counter() - t0, metrics_path)
 
-    def _feed(self, source) -> None:
+    def _feed(self, work) -> None:
         decode_window = 2 * self.workers + self.backend.batch_size
-        for path, rel in discover(source, exclude=self._output_dirs()):
+        for entry in work:
             if self.stop.is_set():
                 return
-            item = Item(Path(path), Path(rel))
-            item.row.update(run_id=self.run_id, path=str(path),
-                            output=str(rel.with_suffix(".png")))
-            if self._skip(item):
-                continue
-            key = pair_key(path)
+            item = Item(Path(entry.path), Path(entry.key), outputs=dict(entry.outputs))
+            item.row.update(run_id=self.run_id, path=entry.path,
+                            output=str(item.rel.with_suffix(".png")))
+            key = pair_key(entry.path)
             item.truth, item.fov_file = self.truth.get(key), self.fov_files.get(key)
             self.decodes.append(self.decoder.submit(self.load, item))
             while len(self.decodes) >= decode_window and not self.stop.is_set():
@@ -246,22 +289,14 @@ class Pipeline:
         while self.decodes and not self.stop.is_set():
             self._take_oldest_decode()
 
-    def _output_dirs(self) -> list[Path]:
-        """Where this run writes: never read back as input when it lies inside the input tree."""
-        return [d for d in (self.opt.out, self.opt.prob_dir, self.opt.overlay_dir) if d]
-
-    def _skip(self, item: Item) -> bool:
-        name = item.rel.with_suffix(".png")
-        if name in self.outputs_seen:
-            self._record(item.fail("input", ValueError(
-                f"another input of this run also writes {name}; rename one of them")))
-            return True
-        self.outputs_seen.add(name)
-        if self.opt.overwrite or not self.opt.write or not (self.opt.out / name).exists():
-            return False
-        self.counts["skipped"] += 1
-        self.on_row({**item.row, "status": "skipped"})  # progress only: its row is on file
-        return True
+    def _refuse(self, path, key: str, output: str, st, message: str) -> None:
+        """An input refused before processing (its output name is taken): one error row."""
+        row = {"run_id": self.run_id, "path": os.path.abspath(path), "output": output,
+               "status": "error", "message": f"input: {message}"}
+        self.ledger.record(key, "error", row, input_stat=(
+            row["path"], None, st.st_size, st.st_mtime_ns))
+        self.tally.add(row)
+        self.on_row(row)
 
     def _take_decoded(self, item: Item) -> None:
         if item.row.get("status") == "error":
@@ -276,7 +311,12 @@ class Pipeline:
         canvases = np.stack([it.canvas for it in items])
         for it in items:
             it.canvas = None
-        self.inferring.append((items, self.backend.submit(canvases), time.perf_counter()))
+        try:
+            future = self.backend.submit(canvases)
+        except Exception as e:  # refused at once: the same as failing later
+            future = Future()
+            future.set_exception(e)
+        self.inferring.append((items, future, time.perf_counter()))
         while len(self.inferring) > self.opt.inflight:
             self._take_inferred()
 
@@ -317,71 +357,39 @@ class Pipeline:
         self._record(self.writes[0].result())
         self.writes.popleft()
 
-    # --- records -------------------------------------------------------------------------
-    def _open_metrics(self, path: Path) -> None:
-        """Append-only CSV, one row per image per run, flushed row by row (crash-safe audit
-        trail). A resumed run adds the rows of the images it processed; --overwrite restarts."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = self.opt.overwrite or not path.exists() or path.stat().st_size == 0
-        self._metrics_file = open(path, "w" if fresh else "a", newline="")
-        if not fresh and not _ends_with_newline(path):
-            self._metrics_file.write("\r\n")  # a killed run's half row stays a row of its own
-        self._metrics = csv.DictWriter(self._metrics_file, fieldnames=METRIC_FIELDS,
-                                       extrasaction="ignore")
-        if fresh:
-            self._metrics.writeheader()
-
     def _record(self, item: Item) -> None:
         row = item.row
-        status = row.get("status", "error")
-        self.counts[status] += 1
-        if status == "ok":
-            self.counts["no_fov"] += not row.get("fov_found", True)
-            for stage in STAGES:
-                self.stage_totals[stage] += row.get(stage, 0.0)
-            if "dice" in row:
-                self.scores.append({k: row[k] for k in METRIC_FIELDS[-8:]})
-        else:
-            self.failures.append({"path": row["path"], "message": row.get("message", "")})
-        self._metrics.writerow(row)
-        self._metrics_file.flush()
+        status = row.setdefault("status", "error")
+        self.ledger.record(item.rel.as_posix(), status, row, item.outputs)
+        self.tally.add(row)
         self.on_row(row)
 
-    def _summary(self, wall: float, metrics_path: Path) -> dict:
-        ok = self.counts["ok"]
-        summary = {
-            "counts": {**self.counts, "processed": ok + self.counts["error"]},
-            "failures": self.failures,
-            "interrupted": self.interrupted,
-            "wall_seconds": round(wall, 3),
-            "images_per_second": round(ok / wall, 3) if wall > 0 else None,
-            "mean_stage_seconds": {k: round(v / ok, 5) for k, v in self.stage_totals.items()}
-            if ok else {},
-            "threshold": self.threshold,
-            "backend": self.backend.describe(),
-            "model_card_sha256": self.backend.card.get("sha256"),
-            "settings": {"workers": self.workers, "batch_size": self.backend.batch_size,
-                         "inflight": self.opt.inflight, "overwrite": self.opt.overwrite},
-            "outputs": {"masks": str(self.opt.out), "metrics": str(metrics_path),
-                        "prob": str(self.opt.prob_dir) if self.opt.prob_dir else None,
-                        "overlay": str(self.opt.overlay_dir) if self.opt.overlay_dir else None},
-            "versions": software_versions(),
-            "started": self.started.isoformat(timespec="seconds"),
-            "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        if self.scores:
-            summary["truth_means"] = {k: round(float(np.nanmean([s[k] for s in self.scores])), 5)
-                                      for k in self.scores[0]}
-            summary["truth_images"] = len(self.scores)
-        if self.opt.write:
-            write_json_atomic(self.opt.out / "summary.json", summary)
-        return summary
+    # --- what the summary says about the run ------------------------------------------------
+    def _settings(self) -> dict:
+        return {"workers": self.workers, "batch_size": self.backend.batch_size,
+                "inflight": self.opt.inflight, "overwrite": self.opt.overwrite}
+
+    def _outputs(self) -> dict:
+        layout = self.layout
+        return {"masks": str(layout.out), "metrics": str(layout.metrics_path),
+                "prob": str(layout.prob_dir) if layout.prob_dir else None,
+                "overlay": str(layout.overlay_dir) if layout.overlay_dir else None,
+                "ledger": str(self.ledger.path) if self.ledger.path else None}
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+@contextlib.contextmanager
+def _opencv_quiet():
+    """One OpenCV thread per call (our pools give the parallelism; nested cv2 threads
+    oversubscribe) and no decoder warnings: a bad file is one row and one line from the CLI,
+    not several unexplained libpng / libtiff lines."""
+    threads, level = cv2.getNumThreads(), cv2.utils.logging.getLogLevel()
+    cv2.setNumThreads(1)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+        cv2.utils.logging.setLogLevel(level)
 
 
 def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -399,63 +407,44 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def software_versions() -> dict:
-    versions = {"retina-batch": __version__, "python": platform.python_version(),
-                "numpy": np.__version__, "opencv": cv2.__version__, "platform": sys.platform}
-    try:
-        import onnxruntime
-
-        versions["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    return versions
-
-
-class OutputError(OSError):
-    """An output folder that cannot be created or written."""
-
-
-def check_writable(folder: Path) -> None:
-    """Fail before any work if an output folder cannot be created or written."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise OutputError(f"cannot write to {folder}: {e.strerror or e}") from e
-
-
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
             batch_size: int = 2, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
-            on_row=None, on_open=None, stop: threading.Event | None = None,
+            on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
             reduced_decode: bool = True) -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
-    unusable input, BackendUnavailable for a missing runtime/model, OSError for an unwritable
-    output folder; problems with single images become error rows instead. Setting `stop`
-    (from a signal handler or another thread) ends the run early and cleanly.
+    unusable input, BackendUnavailable for a missing runtime/model, OutputError for an output
+    that cannot be written or would overwrite an input, SettingsMismatch for an output folder
+    made with another model or threshold; all of them before any folder is created. Problems
+    with single images become error rows instead. Setting `stop` (from a signal handler or
+    another thread) ends the run early and cleanly. `on_start(plan)` is called once the inputs
+    have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
     """
     from .backends import open_backend
+    from .io import InputError
 
     paths = {k: Path(v) if v is not None else None for k, v in dict(
         out=out, prob_dir=prob_dir, overlay_dir=overlay_dir, metrics=metrics,
         truth_dir=truth_dir, fov_dir=fov_dir).items()}
+    layout = Layout(paths["out"], paths["prob_dir"], paths["overlay_dir"], paths["metrics"])
     iter(discover(source))  # raises InputError now rather than after the model has loaded
-    for name in ("out", "prob_dir", "overlay_dir"):
-        if paths[name] is not None and write:
-            check_writable(paths[name])
     for name in ("truth_dir", "fov_dir"):
         if paths[name] is not None and not paths[name].is_dir():
             raise FileNotFoundError(f"--{name.replace('_dir', '')} folder not found: "
                                     f"{paths[name]}")
+    if write:
+        for folder in [*layout.folders(), layout.metrics_path.parent]:
+            check_writable(folder)
+        check_not_inputs(source, layout)
+    if next(iter(discover(source, exclude=layout.folders())), None) is None:
+        raise InputError(f"no images found in {source}")
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         if on_open:
             on_open(runner)
-        return Pipeline(runner, options, on_row).run(source)
+        return Pipeline(runner, options, on_row, on_start).run(source)

@@ -12,6 +12,7 @@ from retina_batch.io import (
     count_images,
     decode,
     discover,
+    jpeg_header,
     jpeg_size,
     pair_key,
     read_mask,
@@ -149,3 +150,55 @@ def test_write_atomic_replaces_without_leaving_temporaries(tmp_path):
     write_atomic(target, b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["mask.png"]
+
+
+# --- EXIF orientation in the JPEG header (the rule itself is tested in test_geometry.py) ------
+
+def exif_jpeg(orientation: int | None, order: str = "MM", ifd: int = 8, others: int = 1,
+              tail: bool = True, marker: bytes = b"Exif\0\0") -> np.ndarray:
+    """A small JPEG whose APP1 EXIF block has IFD0 at offset `ifd`, `others` entries before
+    and after an Orientation entry (none when orientation is None), as cameras write them in
+    either byte order; `tail=False` ends the block right after the last entry."""
+    o = {"MM": "big", "II": "little"}[order]
+
+    def entry(tag: int, kind: int, value: bytes) -> bytes:
+        return tag.to_bytes(2, o) + kind.to_bytes(2, o) + (1).to_bytes(4, o) + value
+
+    entries = [entry(0x010F, 2, (400).to_bytes(4, o))] * others  # Make, stored elsewhere
+    if orientation is not None:
+        entries.append(entry(0x0112, 3, orientation.to_bytes(2, o) + b"\0\0"))
+    entries += [entry(0x011A, 5, (500).to_bytes(4, o))] * others  # XResolution
+    tiff = (order.encode() + (42).to_bytes(2, o) + ifd.to_bytes(4, o) + b"\0" * (ifd - 8)
+            + len(entries).to_bytes(2, o) + b"".join(entries) + (b"\0" * 4 if tail else b""))
+    payload = marker + tiff
+    ok, buf = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
+    data = buf.tobytes()
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return np.frombuffer(data[:2] + app1 + data[2:], np.uint8)
+
+
+@pytest.mark.parametrize("order, ifd, orientation", [
+    ("MM", 8, 6), ("II", 8, 8), ("II", 20, 3), ("MM", 26, 7), ("II", 8, 2), ("MM", 8, 1)])
+def test_jpeg_header_reads_the_exif_orientation(order, ifd, orientation):
+    assert jpeg_header(exif_jpeg(orientation, order, ifd)) == ((40, 30), orientation)
+    # The Orientation entry alone, and last in a block that ends right after it.
+    assert jpeg_header(exif_jpeg(orientation, order, ifd, others=0, tail=False))[1] == \
+        orientation
+
+
+@pytest.mark.parametrize("orientation", [None, 0, 9])  # absent, or values EXIF does not define
+def test_jpeg_header_without_a_usable_orientation_means_as_stored(orientation):
+    assert jpeg_header(exif_jpeg(orientation)) == ((40, 30), 1)
+    assert jpeg_header(exif_jpeg(orientation, "II", 20)) == ((40, 30), 1)
+
+
+def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
+    assert jpeg_header(np.frombuffer(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, np.uint8)) is None
+    # An APP1 block of another kind (XMP) holding the same bytes is not EXIF.
+    xmp = exif_jpeg(6, marker=b"http://ns.adobe.com/xap/1.0/\0")
+    assert jpeg_header(xmp) == ((40, 30), 1)
+    # IFD0 claiming more entries than the block holds: read what is there, no crash.
+    cut = bytearray(exif_jpeg(6, others=3).tobytes())
+    count_at = cut.index(b"Exif\0\0") + 6 + 8  # IFD0's entry count, big-endian
+    cut[count_at:count_at + 2] = (60).to_bytes(2, "big")
+    assert jpeg_header(np.frombuffer(bytes(cut), np.uint8)) == ((40, 30), 6)

@@ -85,7 +85,19 @@ def test_evaluate_image_scores_inside_the_fov_by_hand():
 
 def test_empty_masks_agree_perfectly():
     empty = np.zeros((3, 3), bool)
-    assert scores(Confusion.of(empty, empty))["dice"] == 1.0
+    assert scores(Confusion.of(empty, empty)) == dict.fromkeys(
+        ["dice", "iou", "sensitivity", "specificity", "accuracy"], 1.0)
+    # No background at all (specificity's 0/0), and an empty region (accuracy's 0/0).
+    full = np.ones((3, 3), bool)
+    assert scores(Confusion.of(full, full))["specificity"] == 1.0
+    assert scores(Confusion.of(full, empty, region=empty))["accuracy"] == 1.0
+
+
+def test_threshold_is_inclusive_for_float_and_8_bit_maps():
+    truth = np.array([True, False, True])
+    # p == threshold is a vessel; an 8-bit level is compared as level / 255 (115 / 255 > 0.45).
+    assert evaluate_image(np.array([0.5, 0.1, 0.9]), truth, 0.5)["dice"] == 1.0
+    assert evaluate_image(np.array([115, 114, 200], np.uint8), truth, 0.45)["dice"] == 1.0
 
 
 def test_auc_perfect_random_and_tied():
@@ -96,6 +108,18 @@ def test_auc_perfect_random_and_tied():
     # One positive ranked below one negative: 3 of 4 pairs ordered -> 0.75.
     assert roc_auc(np.array([0.1, 0.6, 0.5, 0.9]), truth) == pytest.approx(0.75)
     assert math.isnan(roc_auc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
+    # One vessel pixel, or one background pixel, is enough to rank.
+    assert roc_auc(np.array([0.9, 0.1, 0.2]), np.array([1, 0, 0], bool)) == 1.0
+    assert roc_auc(np.array([0.9, 0.1, 0.8]), np.array([1, 0, 1], bool)) == 1.0
+
+
+def test_auc_keeps_the_extreme_levels_apart():
+    truth = np.array([True, False])
+    assert roc_auc(np.array([1 / 255, 0.0]), truth) == 1.0  # levels 1 and 0
+    assert roc_auc(np.array([1.0, 254 / 255]), truth) == 1.0  # levels 255 and 254
+    # Values a little outside [0, 1] (another tool's maps, a runtime's rounding) are 0 or 1.
+    assert roc_auc(np.array([1.01, -0.01]), truth) == 1.0
+    assert roc_auc(np.array([1.01, 1.0, -0.01, 0.0]), np.array([1, 0, 1, 0], bool)) == 0.5
 
 
 def test_auc_matches_pairwise_definition_on_uint8_maps():
@@ -122,3 +146,5 @@ def test_evaluate_image_thresholds_float_and_uint8_alike():
 def test_mean_scores_ignores_undefined_auc():
     rows = [{"dice": 0.5, "auc": float("nan")}, {"dice": 1.0, "auc": 0.9}]
     assert mean_scores(rows) == {"dice": 0.75, "auc": 0.9}
+    assert mean_scores(rows[1:]) == {"dice": 1.0, "auc": 0.9}
+    assert mean_scores([]) == {}

@@ -48,15 +48,28 @@ def read_image(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np
     """Decode any supported file with OpenCV; raises ValueError with a reason on failure.
 
     np.fromfile + imdecode rather than imread: works with non-ASCII paths, and an empty or
-    unreadable file gives one clear error instead of a silent None.
+    unreadable file gives one clear error instead of a silent None. A JPEG comes out in its
+    displayed orientation (EXIF), like every other decode here (see `decode`).
     """
+    data = _read_bytes(path)
+    header = jpeg_header(data)
+    return _decoded(data, flags, header[1] if header else 1)
+
+
+def _read_bytes(path: str | os.PathLike) -> np.ndarray:
     data = np.fromfile(str(path), dtype=np.uint8)
     if data.size == 0:
         raise ValueError("empty file (0 bytes)")
-    img = cv2.imdecode(data, flags)
+    return data
+
+
+def _decoded(data: np.ndarray, flags: int, orientation: int) -> np.ndarray:
+    # OpenCV applies EXIF orientation for some flags and not for others (never for
+    # IMREAD_UNCHANGED): always ask for the stored pixels and turn them here, one rule for all.
+    img = cv2.imdecode(data, flags | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise ValueError("not a readable image (unknown format or corrupt data)")
-    return img
+    return orient(img, orientation)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -186,14 +199,16 @@ def index_by_key(folder: str | os.PathLike | None, fov: bool = False) -> dict[st
 # --- decoding ----------------------------------------------------------------------------
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_EXIF_ORIENTATION_TAG = 0x0112
 
 
-def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, without decoding; None if not a JPEG."""
+def jpeg_header(data: np.ndarray) -> tuple[tuple[int, int], int] | None:
+    """((width, height) as stored, EXIF orientation 1-8) from a JPEG's headers, without
+    decoding; None if not a JPEG. Orientation is 1 (as stored) when there is no EXIF tag."""
     buf = data[: 1 << 20].tobytes()  # headers (EXIF thumbnails included) fit in 1 MiB
     if buf[:2] != b"\xff\xd8":
         return None
-    i = 2
+    i, orientation = 2, 1
     while i + 9 < len(buf):
         if buf[i] != 0xFF:
             i += 1
@@ -202,19 +217,62 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
         if marker in _JPEG_SOF:
             height, width = int.from_bytes(buf[i + 5:i + 7], "big"), \
                 int.from_bytes(buf[i + 7:i + 9], "big")
-            return width, height
+            return (width, height), orientation
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             i += 1 if marker == 0xFF else 2
             continue
-        i += 2 + int.from_bytes(buf[i + 2:i + 4], "big")
+        length = int.from_bytes(buf[i + 2:i + 4], "big")
+        if marker == 0xE1 and buf[i + 4:i + 10] == b"Exif\0\0":
+            orientation = _exif_orientation(buf[i + 10:i + 2 + length])
+        i += 2 + length
     return None
 
 
-# IGNORE_ORIENTATION: the full-size path (IMREAD_UNCHANGED) ignores EXIF rotation too, and the
-# masks must be in the file's stored pixel order whichever path decoded it.
-_REDUCED = {f: flag | cv2.IMREAD_IGNORE_ORIENTATION for f, flag in
-            ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-             (2, cv2.IMREAD_REDUCED_COLOR_2))}
+def jpeg_size(data: np.ndarray) -> tuple[int, int] | None:
+    """(width, height) as stored in a JPEG's frame header; None if not a JPEG."""
+    header = jpeg_header(data)
+    return header[0] if header else None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag of IFD0 of an EXIF block (a little TIFF file); 1 if absent/odd."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry:entry + 2], order) == _EXIF_ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8:entry + 10], order)  # SHORT, left-justified
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+# EXIF orientation -> the operation that turns the stored pixels into what a viewer shows.
+_ORIENT = {
+    2: lambda a: cv2.flip(a, 1),
+    3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+    4: lambda a: cv2.flip(a, 0),
+    5: cv2.transpose,
+    6: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda a: cv2.flip(cv2.transpose(a), -1),
+    8: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+def orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels -> displayed pixels for an EXIF orientation (1-8)."""
+    turn = _ORIENT.get(orientation)
+    return turn(img) if turn else img
+
+
+def displayed_size(stored: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) a viewer shows: orientations 5-8 turn the picture by 90 degrees."""
+    return stored[::-1] if orientation >= 5 else stored
+
+
+_REDUCED = {8: cv2.IMREAD_REDUCED_COLOR_8, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            2: cv2.IMREAD_REDUCED_COLOR_2}
 
 
 def reduction_for(size: tuple[int, int], working_size: int, margin: float = 1.2) -> int:
@@ -232,20 +290,24 @@ def decode(path: str | os.PathLike, working_size: int | None = None):
     Large JPEGs are decoded at 1/2, 1/4 or 1/8 size (DCT scaling, several times faster) when
     that still leaves more pixels than the working canvas needs; the original size is kept
     so outputs are written at full size.
+
+    Orientation rule: a JPEG's EXIF orientation is honoured on both paths, so the image (and
+    every output made from it) has the pixels and the width x height that a photo viewer
+    shows; other formats are used as stored.
     """
-    data = np.fromfile(str(path), dtype=np.uint8)
-    if data.size == 0:
-        raise ValueError("empty file (0 bytes)")
-    size = jpeg_size(data)
-    if size and working_size:
-        factor = reduction_for(size, working_size)
+    data = _read_bytes(path)
+    header = jpeg_header(data)
+    orientation = header[1] if header else 1
+    if header and working_size:
+        factor = reduction_for(header[0], working_size)
         if factor > 1:
-            img = cv2.imdecode(data, _REDUCED[factor])
+            try:
+                img = _decoded(data, _REDUCED[factor], orientation)
+            except ValueError:
+                img = None  # e.g. a truncated file: the full decode below says why
             if img is not None:
-                return img, size, factor
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError("not a readable image (unknown format or corrupt data)")
+                return img, displayed_size(header[0], orientation), factor
+    img = _decoded(data, cv2.IMREAD_UNCHANGED, orientation)
     return img, (img.shape[1], img.shape[0]), 1
 
 

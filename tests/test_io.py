@@ -12,8 +12,12 @@ from retina_batch.io import (
     count_images,
     decode,
     discover,
+    index_by_key,
+    jpeg_header,
     jpeg_size,
+    list_images,
     pair_key,
+    read_image,
     read_mask,
     reduction_for,
     write_atomic,
@@ -51,6 +55,35 @@ def test_discover_skips_output_folders_inside_the_input(tmp_path):
     assert count_images(src) == 3 and count_images(src, exclude=[src / "masks"]) == 2
 
 
+def test_discover_skips_nested_output_folders(tmp_path):
+    src = tmp_path / "in"
+    touch_image(src / "site" / "a.png")
+    touch_image(src / "site" / "run" / "masks" / "a.png")
+    rels = [rel.as_posix() for _, rel in discover(src, exclude=[src / "site" / "run"])]
+    assert rels == ["site/a.png"]
+
+
+def test_list_images_is_the_sorted_visible_images_of_one_folder(tmp_path):
+    for name in ["b.png", "a.TIF", ".hidden.png", "notes.txt", "sub/c.png"]:
+        touch_image(tmp_path / name)
+    (tmp_path / "folder.png").mkdir()  # a folder named like an image
+    assert [p.name for p in list_images(tmp_path)] == ["a.TIF", "b.png"]
+
+
+@pytest.mark.parametrize("names", [
+    ("21_manual1.gif", "21_training_mask.gif"),  # DRIVE: the vessels sort first
+    ("21_mask.png", "21_vessels.png"),  # the FOV mask sorts first
+])
+def test_index_by_key_prefers_vessels_for_truth_and_masks_for_fov(tmp_path, names):
+    for name in names:
+        touch_image(tmp_path / name)
+    vessels = next(n for n in names if "mask" not in n)
+    fov = next(n for n in names if "mask" in n)
+    assert {k: p.name for k, p in index_by_key(tmp_path).items()} == {"21": vessels}
+    assert {k: p.name for k, p in index_by_key(tmp_path, fov=True).items()} == {"21": fov}
+    assert index_by_key(None) == {}
+
+
 def test_discover_single_image_and_list_files(tmp_path):
     a = touch_image(tmp_path / "data" / "eye" / "a.png")
     b = touch_image(tmp_path / "elsewhere" / "b.png")
@@ -65,7 +98,7 @@ def test_discover_single_image_and_list_files(tmp_path):
     assert found[1][1] == Path(*b.resolve().parts[1:])
 
     csv_file = tmp_path / "data" / "list.csv"
-    csv_file.write_text("patient,path\n17,eye/a.png\n18,missing.png\n")
+    csv_file.write_text("patient,path\n17,eye/a.png\n18,missing.png\n19\n")  # 19: no path
     assert [(p.name, rel.as_posix()) for p, rel in discover(csv_file)] == [
         ("a.png", "eye/a.png"), ("missing.png", "missing.png")]
 
@@ -88,6 +121,11 @@ def test_discover_rejects_unusable_input(tmp_path):
 ])
 def test_pair_key_matches_annotation_names(image, truth):
     assert pair_key(image) == pair_key(truth)
+
+
+def test_pair_key_is_the_lower_case_stem_without_markers():
+    assert pair_key("eyes/Image_01L_1stHO.PNG") == "image_01l"
+    assert pair_key("21_manual1") == "21"  # no extension: nothing else is cut
 
 
 def test_pair_key_keeps_distinct_images_apart():
@@ -134,13 +172,14 @@ def test_read_mask_thresholds_any_depth(tmp_path):
     mask = np.zeros((5, 7), np.uint8)
     mask[1, 2] = 255
     mask[3, 4] = 100  # at or below 127: background
+    mask[0, 0], mask[4, 6] = 127, 128  # the edge: 127 is background, 128 vessel
     assert cv2.imwrite(str(tmp_path / "m.png"), mask)
     assert cv2.imwrite(str(tmp_path / "m16.png"), mask.astype(np.uint16) * 257)
     assert cv2.imwrite(str(tmp_path / "m3.bmp"), cv2.merge([mask, mask, mask]))
     for name in ("m.png", "m16.png", "m3.bmp"):
         got = read_mask(tmp_path / name)
         assert got.shape == (5, 7) and got.dtype == bool
-        assert np.argwhere(got).tolist() == [[1, 2]]
+        assert np.argwhere(got).tolist() == [[1, 2], [4, 6]]
 
 
 def test_write_atomic_replaces_without_leaving_temporaries(tmp_path):
@@ -149,3 +188,65 @@ def test_write_atomic_replaces_without_leaving_temporaries(tmp_path):
     write_atomic(target, b"second")
     assert target.read_bytes() == b"second"
     assert sorted(p.name for p in target.parent.iterdir()) == ["mask.png"]
+
+
+# --- EXIF orientation in the JPEG header (the rule itself is tested in test_geometry.py) ------
+
+def exif_jpeg(orientation: int | None, order: str = "MM", ifd: int = 8, others: int = 1,
+              tail: bool = True, marker: bytes = b"Exif\0\0") -> np.ndarray:
+    """A small JPEG whose APP1 EXIF block has IFD0 at offset `ifd`, `others` entries before
+    and after an Orientation entry (none when orientation is None), as cameras write them in
+    either byte order; `tail=False` ends the block right after the last entry."""
+    o = {"MM": "big", "II": "little"}[order]
+
+    def entry(tag: int, kind: int, value: bytes) -> bytes:
+        return tag.to_bytes(2, o) + kind.to_bytes(2, o) + (1).to_bytes(4, o) + value
+
+    entries = [entry(0x010F, 2, (400).to_bytes(4, o))] * others  # Make, stored elsewhere
+    if orientation is not None:
+        entries.append(entry(0x0112, 3, orientation.to_bytes(2, o) + b"\0\0"))
+    entries += [entry(0x011A, 5, (500).to_bytes(4, o))] * others  # XResolution
+    tiff = (order.encode() + (42).to_bytes(2, o) + ifd.to_bytes(4, o) + b"\0" * (ifd - 8)
+            + len(entries).to_bytes(2, o) + b"".join(entries) + (b"\0" * 4 if tail else b""))
+    payload = marker + tiff
+    ok, buf = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
+    data = buf.tobytes()
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return np.frombuffer(data[:2] + app1 + data[2:], np.uint8)
+
+
+@pytest.mark.parametrize("order, ifd, orientation", [
+    ("MM", 8, 6), ("II", 8, 8), ("II", 20, 3), ("MM", 26, 7), ("II", 8, 2), ("MM", 8, 1)])
+def test_jpeg_header_reads_the_exif_orientation(order, ifd, orientation):
+    assert jpeg_size(exif_jpeg(orientation, order, ifd)) == (40, 30)  # as stored
+    assert jpeg_header(exif_jpeg(orientation, order, ifd)) == ((40, 30), orientation)
+    # The Orientation entry alone, and last in a block that ends right after it.
+    assert jpeg_header(exif_jpeg(orientation, order, ifd, others=0, tail=False))[1] == \
+        orientation
+
+
+@pytest.mark.parametrize("orientation", [None, 0, 9])  # absent, or values EXIF does not define
+def test_jpeg_header_without_a_usable_orientation_means_as_stored(orientation):
+    assert jpeg_header(exif_jpeg(orientation)) == ((40, 30), 1)
+    assert jpeg_header(exif_jpeg(orientation, "II", 20)) == ((40, 30), 1)
+
+
+def test_read_image_turns_a_jpeg_as_its_exif_says(tmp_path):
+    path = tmp_path / "sideways.jpg"
+    path.write_bytes(exif_jpeg(6).tobytes())  # stored 40 x 30, shown turned by 90 degrees
+    assert read_image(path).shape == (40, 30, 3)
+    path.write_bytes(exif_jpeg(3).tobytes())
+    assert read_image(path).shape == (30, 40, 3)
+
+
+def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
+    png = np.frombuffer(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, np.uint8)
+    assert jpeg_header(png) is None and jpeg_size(png) is None
+    # An APP1 block of another kind (XMP) holding the same bytes is not EXIF.
+    xmp = exif_jpeg(6, marker=b"http://ns.adobe.com/xap/1.0/\0")
+    assert jpeg_header(xmp) == ((40, 30), 1)
+    # IFD0 claiming more entries than the block holds: read what is there, no crash.
+    cut = bytearray(exif_jpeg(6, others=3).tobytes())
+    count_at = cut.index(b"Exif\0\0") + 6 + 8  # IFD0's entry count, big-endian
+    cut[count_at:count_at + 2] = (60).to_bytes(2, "big")
+    assert jpeg_header(np.frombuffer(bytes(cut), np.uint8)) == ((40, 30), 6)

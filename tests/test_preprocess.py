@@ -75,24 +75,49 @@ def test_letterbox_round_trip_lands_on_the_original_pixels(width, height):
     assert not back[:y0].any() and not back[:, :x0].any() and not back[:, x1:].any()
     if min(x1 - x0, y1 - y0) >= 40:  # enough pixels for the resampling to be faithful
         err = np.abs(back[y0:y1, x0:x1] - img[y0:y1, x0:x1, 0])
-        assert np.median(err) < 8
+        # Resampling a smooth field twice costs at most half a grey level (measured 0.21-0.49);
+        # reading the canvas one row or column off costs 0.75-11.
+        assert np.median(err) < 0.6
 
 
-def test_letterbox_of_a_reduced_decode_maps_back_to_full_size(tmp_path):
-    big = cv2.resize(fundus_like(438, 292), (3504, 2336), interpolation=cv2.INTER_NEAREST)
+@pytest.mark.parametrize("width, height", [(301, 203), (90, 700), (700, 90), (280, 280)])
+def test_letterbox_round_trip_keeps_edges_in_place(width, height):
+    """A step edge goes onto the canvas and back to the same row / column of the photograph
+    (a vessel must land on the vessel): within one pixel, at 2-11x down- and up-scaling."""
+    for axis in (0, 1):
+        step = np.zeros((height, width), np.float32)
+        edge = (height, width)[axis] // 2
+        if axis == 0:
+            step[edge:] = 255  # a horizontal edge: rows below it are bright
+        else:
+            step[:, edge:] = 255  # a vertical one
+        canvas, lb = letterbox(step, (0, 0, width, height), 64)
+        back = unletterbox(canvas, lb)
+        profile = back[:, width // 2] if axis == 0 else back[height // 2]
+        assert abs(int(np.argmax(profile >= 127.5)) - edge) <= 1, (axis, lb)
+
+
+@pytest.mark.parametrize("width, height", [(3504, 2336), (3500, 2333), (1620, 1444)])
+def test_letterbox_of_a_reduced_decode_maps_back_to_full_size(tmp_path, width, height):
+    """The FOV found on a 1/8 decode, mapped back to the original pixels, is the FOV drawn
+    there, also when the size is not a multiple of 8 (the decoder rounds 3500 / 8 up to 438,
+    so the scale back is 7.99, not 8 and not 3500 // 438 = 7)."""
+    big = np.zeros((height, width, 3), np.uint8)
+    cx, cy, r = width // 2, height // 2, int(0.45 * min(width, height))
+    cv2.circle(big, (cx, cy), r, (40, 90, 180), -1)
     path = tmp_path / "big.jpg"
     assert cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
     raw, size, factor = decode(path, 64)
-    assert factor == 8
+    assert factor == 8 and size == (width, height)
     rgb = to_rgb8(raw)
-    fov = detect_fov(rgb)
-    canvas, lb = letterbox(rgb, fov.box, 64, size)
-    assert lb.image_size == (3504, 2336)
-    # The FOV box in original pixels is the decoded box scaled by the reduction factor.
-    limits = (3504, 2336, 3504, 2336)
-    assert lb.box == tuple(min(v * 8, lim) for v, lim in zip(fov.box, limits, strict=True))
+    canvas, lb = letterbox(rgb, detect_fov(rgb).box, 64, size)
+    assert lb.image_size == (width, height)
+    # FOV detection works on a 256 px thumbnail: its box is good to about one thumbnail pixel.
+    tolerance = 1.5 * max(width, height) / 256
+    drawn = (cx - r, cy - r, cx + r + 1, cy + r + 1)
+    assert np.abs(np.subtract(lb.box, drawn)).max() <= tolerance, (lb.box, drawn)
     back = unletterbox(np.ones((64, 64), np.float32), lb)
-    assert back.shape == (2336, 3504)
+    assert back.shape == (height, width)
     x0, y0, x1, y1 = lb.box
     assert back[y0:y1, x0:x1].min() == 1 and back.sum() == (x1 - x0) * (y1 - y0)
 
@@ -142,3 +167,23 @@ def test_fov_on_resized_and_augmented_photographs(shared_data):
             vessels = read_mask(mask)
             inside = np.count_nonzero(vessels & (fov.mask > 0)) / np.count_nonzero(vessels)
             assert inside > 0.999, (path.name, inside)
+
+
+def test_fov_on_another_camera_against_its_fov_masks(shared_data):
+    """LES-AV (1620x1444 and 2196x1958, 30 degrees, optic-disc centred) ships a FOV mask per
+    photograph. Measured IoU: 0.937 (586.png, a dark rim region), 0.977, then 0.991-0.998;
+    mean 0.990."""
+    folder = shared_data / "les-av"
+    images = sorted((folder / "images").glob("*.png"))
+    if not images:
+        pytest.skip("les-av/images is empty")
+    ious = {}
+    for path in images:
+        fov = _fov_of(path)
+        assert fov.found, path.name
+        truth = read_mask(folder / "fov" / f"{path.stem}_mask.gif")
+        found = fov.mask > 0
+        ious[path.name] = np.count_nonzero(found & truth) / np.count_nonzero(found | truth)
+    assert min(ious.values()) > 0.93, ious
+    assert sorted(ious.values())[2] > 0.985, ious  # all but the two hardest
+    assert np.mean(list(ious.values())) > 0.985

@@ -40,7 +40,7 @@ def main():
 
 
 @main.command()
-@click.argument("data_dir", type=click.Path(file_okay=False))
+@click.argument("data_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: model.pt, model.json, metrics.csv, curves.png, last.pt.")
 @click.option("--width", default=16, show_default=True, help="[model] Channels of level 1.")
@@ -52,7 +52,11 @@ def main():
               help="[data] Which files share a source photograph: auto, stem, div:K, "
                    "regex:PATTERN. auto = div:4 for files named 0..N-1 (4 copies per photograph).")
 @click.option("--val-fraction", default=0.2, show_default=True,
-              help="[data] Fraction of photographs held out for validation.")
+              help="[data] Fraction of photographs held out for validation (of each folder).")
+@click.option("--balance", default="datasets", show_default=True,
+              type=click.Choice(["datasets", "images"]),
+              help="[data] Draw training crops from each data folder equally, or from each "
+                   "photograph equally.")
 @click.option("--epochs", default=56, show_default=True, help="[schedule] Epochs.")
 @click.option("--steps", "steps_per_epoch", default=48, show_default=True,
               help="[schedule] Optimiser steps per epoch.")
@@ -62,12 +66,14 @@ def main():
 @click.option("--device", default="auto", show_default=True, help="[run] auto, cpu, cuda.")
 @click.option("--threads", default=0, help="[run] PyTorch CPU threads (0: all cores).")
 @click.option("--resume", is_flag=True, help="[run] Continue from OUT/last.pt.")
-def train(data_dir, out_dir, resume, **options):
+def train(data_dirs, out_dir, resume, **options):
     """Train an Attention U-Net on fundus photographs with vessel masks.
 
-    DATA_DIR holds image/ + mask/ (or images/ + masks/, DRIVE style), directly or under
+    Each DATA_DIR (one per camera or dataset; several train one model) holds image/ + mask/,
+    images/ + masks/ (DRIVE style) or images/ + vessels/ (LES-AV style), directly or under
     train/. Images pair with masks by file stem, ignoring markers such as _training and
-    _manual1. Ctrl-C saves the last finished epoch; --resume continues from it.
+    _manual1. Validation is held out and reported per folder. Ctrl-C saves the last finished
+    epoch; --resume continues from it.
     """
     try:
         from .training.dataset import DatasetError
@@ -75,7 +81,7 @@ def train(data_dir, out_dir, resume, **options):
     except ImportError as e:
         fail(f"training needs PyTorch ({e.name} is missing): pip install 'retina-batch[train]'")
     try:
-        card = run_training(data_dir, out_dir, resume=resume, log=err.print, **options)
+        card = run_training(list(data_dirs), out_dir, resume=resume, log=err.print, **options)
     except DatasetError as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -5,7 +5,12 @@ annotation markers such as `_training`, `_manual1`, `_1stHO`, `.ah`, `_mask` rem
 case-insensitively). Layouts understood (DATA_DIR or DATA_DIR/train):
   image/ + mask/     (Retina Blood Vessel: `image/N.png` with `mask/N.png`)
   images/ + masks/   (DRIVE: `images/21_training.tif` with `masks/21_manual1.gif`)
+  images/ + vessels/ (LES-AV: `images/N.png` with `vessels/N.png`)
   also `1st_manual/` or `manual/` for masks.
+
+Several data folders train one model (one per camera, say): each is a `Dataset` with its own
+pairing and its own grouping rule, and its keys are prefixed with its name so that `1.png` of
+one camera never collides with `1.png` of another.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from ..io import list_images, pair_key, read_image, read_mask
 from ..preprocess import FieldOfView, Letterbox, letterbox, prepare, to_rgb8
 
 IMAGE_DIRS = ("image", "images", "img", "imgs")
-MASK_DIRS = ("mask", "masks", "1st_manual", "manual", "label", "labels")
+MASK_DIRS = ("mask", "masks", "1st_manual", "manual", "label", "labels", "vessels")
 
 
 class DatasetError(ValueError):
@@ -127,6 +132,48 @@ def split_by_group(pairs: list[Pair], rule: str, val_fraction: float, seed: int)
     return train, val
 
 
+@dataclass(frozen=True)
+class Dataset:
+    """One data folder: its photographs, how they group, and the licence it comes with."""
+
+    name: str
+    root: Path
+    pairs: list[Pair]
+    group_rule: str
+    licence: str
+
+
+def dataset_name(root: Path) -> str:
+    """`les-av` for ../les-av, `retina-blood-vessel` for ../retina-blood-vessel/train."""
+    root = root.resolve()
+    return root.parent.name if root.name.lower() in ("train", "training") else root.name
+
+
+def licence_of(root: Path) -> str:
+    """The data folder's licence file, quoted in the model card (a model trained on data with a
+    research-only licence must say so); where there is none, the card says that instead."""
+    for folder in (root, root.parent):
+        for path in sorted(folder.glob("LICEN[CS]E*")):
+            text = " ".join(path.read_text(errors="replace").split())
+            return f"{path.name}: {text[:600]}"
+    return "no licence file in the data folder; check the source's terms"
+
+
+def open_datasets(data_dirs: list[str | Path], group: str = "auto") -> list[Dataset]:
+    """Each folder paired and grouped on its own (`auto` is resolved per folder)."""
+    datasets, names = [], set()
+    for data_dir in data_dirs:
+        root = Path(data_dir)
+        pairs = find_pairs(root)
+        name = dataset_name(root)
+        while name in names:  # two folders with the same name: keep both apart
+            name += "+"
+        names.add(name)
+        datasets.append(Dataset(name, root, pairs, resolve_group_rule(group, pairs),
+                                licence_of(root)))
+    return datasets
+
+
 @dataclass
 class Sample:
     """One photograph on the working canvas, ready for augmentation or validation."""
@@ -137,9 +184,10 @@ class Sample:
     fov: np.ndarray  # canvas x canvas uint8 0/1
     letterbox: Letterbox
     truth: np.ndarray  # original-size bool mask, for scoring in the original pixel grid
+    dataset: str = ""
 
 
-def load_sample(pair: Pair, canvas: int) -> Sample:
+def load_sample(pair: Pair, canvas: int, dataset: str = "") -> Sample:
     rgb = to_rgb8(read_image(pair.image))
     truth = read_mask(pair.mask)
     if truth.shape != rgb.shape[:2]:
@@ -148,8 +196,9 @@ def load_sample(pair: Pair, canvas: int) -> Sample:
     image, lb, fov = prepare(rgb, canvas)
     target, _ = letterbox(truth.astype(np.float32), fov.box, canvas)
     fov_canvas, _ = letterbox(fov.mask, fov.box, canvas, interpolation=cv2.INTER_NEAREST)
-    return Sample(pair.key, image, np.clip(target, 0, 1), fov_canvas, lb, truth)
+    key = f"{dataset}/{pair.key}" if dataset else pair.key
+    return Sample(key, image, np.clip(target, 0, 1), fov_canvas, lb, truth, dataset)
 
 
-__all__ = ["Pair", "Sample", "DatasetError", "FieldOfView", "find_pairs", "group_of",
-           "resolve_group_rule", "split_by_group", "load_sample"]
+__all__ = ["Pair", "Sample", "Dataset", "DatasetError", "FieldOfView", "find_pairs", "group_of",
+           "resolve_group_rule", "split_by_group", "load_sample", "open_datasets"]

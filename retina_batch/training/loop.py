@@ -24,7 +24,7 @@ from ..metrics import evaluate_image, mean_scores
 from ..model import AttentionUNet, InferenceModel, UNetConfig, count_parameters, standardise
 from ..preprocess import unletterbox
 from .augment import AugmentConfig, augment
-from .dataset import Sample, find_pairs, load_sample, resolve_group_rule, split_by_group
+from .dataset import Sample, load_sample, open_datasets, split_by_group
 from .loss import bce_dice_loss
 
 THRESHOLDS = np.round(np.arange(0.30, 0.71, 0.05), 2)
@@ -32,7 +32,7 @@ THRESHOLDS = np.round(np.arange(0.30, 0.71, 0.05), 2)
 
 @dataclass
 class TrainConfig:
-    data_dir: str
+    data_dirs: list[str]  # one folder per camera / dataset, each paired and grouped on its own
     out_dir: str
     width: int = 16
     depth: int = 4
@@ -45,6 +45,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     group: str = "auto"
+    # "datasets": every step draws from each data folder equally, so a small second camera is
+    # not drowned by a large first one; "images": every photograph equally.
+    balance: str = "datasets"
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -59,9 +62,22 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _draw(samples: list[Sample], rng: np.random.Generator, count: int, balance: str):
+    """Indices of `count` training samples: uniform over photographs, or over data folders
+    first and then over that folder's photographs."""
+    if balance == "images":
+        return rng.integers(len(samples), size=count)
+    by_set: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_set.setdefault(s.dataset, []).append(i)
+    groups = [by_set[k] for k in sorted(by_set)]
+    return [groups[g][rng.integers(len(groups[g]))]
+            for g in rng.integers(len(groups), size=count)]
+
+
 def _batch(samples: list[Sample], rng: np.random.Generator, cfg: TrainConfig):
     images, targets = [], []
-    for i in rng.integers(len(samples), size=cfg.batch_size):
+    for i in _draw(samples, rng, cfg.batch_size, cfg.balance):
         s = samples[i]
         image, target = augment(s.image, s.target, s.fov, rng, cfg.augment)
         images.append(image)
@@ -71,17 +87,24 @@ def _batch(samples: list[Sample], rng: np.random.Generator, cfg: TrainConfig):
 
 @torch.no_grad()
 def validate(model: InferenceModel, samples: list[Sample], device: torch.device):
-    """Scores in each photograph's own pixel grid, at every candidate threshold."""
+    """Scores in each photograph's own pixel grid, at every candidate threshold.
+
+    Returns (means, best threshold, per-dataset means). With several data folders the overall
+    mean is the mean of the folders' means, so each camera counts equally in model selection.
+    """
     model.eval()
-    per_threshold = {float(t): [] for t in THRESHOLDS}
+    rows: dict[str, dict[float, list]] = {}
     for s in samples:
         prob = model(torch.from_numpy(s.image[None]).to(device))[0].float().cpu().numpy()
         full = unletterbox(prob, s.letterbox)
+        per_threshold = rows.setdefault(s.dataset, {float(t): [] for t in THRESHOLDS})
         for t in per_threshold:
             per_threshold[t].append(evaluate_image(full, s.truth, t))
-    means = {t: mean_scores(rows) for t, rows in per_threshold.items()}
+    per_set = {name: {t: mean_scores(r) for t, r in by_t.items()} for name, by_t in rows.items()}
+    means = {float(t): mean_scores([per_set[name][float(t)] for name in per_set])
+             for t in THRESHOLDS}
     best = max(means, key=lambda t: means[t]["dice"])
-    return means, best
+    return means, best, per_set
 
 
 class Trainer:
@@ -94,11 +117,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = _device(cfg.device)
-        pairs = find_pairs(cfg.data_dir)
-        self.group_rule = resolve_group_rule(cfg.group, pairs)
-        train_pairs, val_pairs = split_by_group(pairs, self.group_rule, cfg.val_fraction, cfg.seed)
-        self.train_set = [load_sample(p, cfg.size) for p in train_pairs]
-        self.val_set = [load_sample(p, cfg.size) for p in val_pairs]
+        self.datasets = open_datasets(cfg.data_dirs, cfg.group)
+        self.train_set, self.val_set = [], []
+        for ds in self.datasets:
+            train_pairs, val_pairs = split_by_group(ds.pairs, ds.group_rule, cfg.val_fraction,
+                                                    cfg.seed)
+            self.train_set += [load_sample(p, cfg.size, ds.name) for p in train_pairs]
+            self.val_set += [load_sample(p, cfg.size, ds.name) for p in val_pairs]
         self.net = AttentionUNet(UNetConfig(cfg.width, cfg.depth)).to(self.device)
         self.model = InferenceModel(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr,
@@ -110,9 +135,12 @@ class Trainer:
         self.epoch, self.best_dice, self.elapsed = 0, -1.0, 0.0
         if resume and (self.out / "last.pt").exists():
             self._load_state(self.out / "last.pt")
-        self.log(f"train: {len(self.train_set)} images, val: {len(self.val_set)} images "
-                 f"(split by {self.group_rule}); {count_parameters(self.net):,} parameters "
-                 f"on {self.device}")
+        for ds in self.datasets:
+            n_train = sum(s.dataset == ds.name for s in self.train_set)
+            n_val = sum(s.dataset == ds.name for s in self.val_set)
+            self.log(f"{ds.name}: train {n_train} images, val {n_val} images "
+                     f"(split by {ds.group_rule})")
+        self.log(f"{count_parameters(self.net):,} parameters on {self.device}")
 
     # --- checkpoints -------------------------------------------------------------------
     def _state(self) -> dict:
@@ -130,6 +158,12 @@ class Trainer:
         self.epoch, self.best_dice = state["epoch"], state["best_dice"]
         self.elapsed = state["elapsed"]
         self.log(f"resumed from {path} after epoch {self.epoch}")
+
+    def _dataset_card(self, ds) -> dict:
+        return {"name": ds.name, "path": str(ds.root), "group_rule": ds.group_rule,
+                "licence": ds.licence,
+                "images_train": sum(s.dataset == ds.name for s in self.train_set),
+                "images_val": [s.key for s in self.val_set if s.dataset == ds.name]}
 
     @staticmethod
     def _save(obj: dict, path: Path) -> None:
@@ -182,8 +216,8 @@ class Trainer:
             while self.epoch < cfg.epochs:
                 start = time.perf_counter()
                 train_loss = self._train_epoch(progress, task)
-                means, threshold = validate(self.model, self.val_set, self.device) \
-                    if self.val_set else ({0.5: {"dice": float("nan"), "auc": float("nan")}}, 0.5)
+                means, threshold, per_set = validate(self.model, self.val_set, self.device) \
+                    if self.val_set else (_NO_SCORES, 0.5, {})
                 self.epoch += 1
                 self.elapsed += time.perf_counter() - start
                 at_half = means[0.5]
@@ -192,18 +226,21 @@ class Trainer:
                        "val_auc": round(at_half["auc"], 5),
                        "best_threshold": threshold,
                        "val_dice@best": round(means[threshold]["dice"], 5),
+                       **{f"val_dice@best[{name}]": round(by_t[threshold]["dice"], 5)
+                          for name, by_t in per_set.items()},
                        "lr": self.sched.get_last_lr()[0], "seconds": round(self.elapsed, 1)}
                 self._record(row)
                 score = means[threshold]["dice"]
                 if not self.val_set or score > self.best_dice:
                     self.best_dice = score
-                    self._save_best(means[threshold], threshold)
+                    self._save_best(means[threshold], threshold,
+                                    {name: by_t[threshold] for name, by_t in per_set.items()})
                 self._save(self._state(), self.out / "last.pt")
                 progress.update(task, epoch=self.epoch, val=f"{score:.4f}")
         plot_curves(self.out / "metrics.csv", self.out / "curves.png")
         return load_json(self.out / "model.json")
 
-    def _save_best(self, scores: dict, threshold: float) -> None:
+    def _save_best(self, scores: dict, threshold: float, per_set: dict) -> None:
         cfg = self.cfg
         weights = self.out / "model.pt"
         self._save({"model_config": self.net.config.to_dict(),
@@ -223,10 +260,11 @@ class Trainer:
             "normalisation": "per-image per-channel standardisation inside the model",
             "threshold": threshold,
             "training": {
-                "data": str(cfg.data_dir),
+                "data": [str(d) for d in cfg.data_dirs],
+                "datasets": [self._dataset_card(ds) for ds in self.datasets],
                 "images_train": [s.key for s in self.train_set],
                 "images_val": [s.key for s in self.val_set],
-                "group_rule": self.group_rule,
+                "group_rule": ", ".join(sorted({ds.group_rule for ds in self.datasets})),
                 "recipe": asdict(cfg),
                 "epoch": self.epoch,
                 "seconds": round(self.elapsed, 1),
@@ -235,13 +273,19 @@ class Trainer:
                            f"{torch.get_num_threads()} threads",
                 "torch": torch.__version__,
             },
-            "validation": {"where": "whole image, original pixel grid",
-                           **{k: round(v, 5) for k, v in scores.items()}},
+            "validation": {"where": "whole image, original pixel grid; mean of the data "
+                                    "folders' means",
+                           **{k: round(v, 5) for k, v in scores.items()},
+                           "per_dataset": {name: {k: round(v, 5) for k, v in s.items()}
+                                           for name, s in per_set.items()}},
             "weights": weights.name,
             "sha256": sha256(weights),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(self.out / "model.json", card)
+
+
+_NO_SCORES = {float(t): {"dice": float("nan"), "auc": float("nan")} for t in THRESHOLDS}
 
 
 def load_json(path: Path) -> dict:
@@ -277,9 +321,14 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def train(data_dir: str, out_dir: str, resume: bool = False, log=print, **options) -> dict:
-    """Train a model; returns its card. Options are TrainConfig's fields."""
-    cfg = TrainConfig(data_dir=str(data_dir), out_dir=str(out_dir), **options)
+def train(data_dirs, out_dir: str, resume: bool = False, log=print, **options) -> dict:
+    """Train a model on one data folder or a list of them; returns its card. Options are
+    TrainConfig's fields."""
+    if isinstance(data_dirs, (str, os.PathLike)):
+        data_dirs = [data_dirs]
+    if options.get("balance", "datasets") not in ("datasets", "images"):
+        raise ValueError("balance must be 'datasets' or 'images'")
+    cfg = TrainConfig(data_dirs=[str(d) for d in data_dirs], out_dir=str(out_dir), **options)
     if cfg.epochs < 1 or cfg.steps_per_epoch < 1:
         raise ValueError("epochs and steps per epoch must be at least 1")
     if cfg.crop % 2**cfg.depth or cfg.size % 2**cfg.depth:

@@ -143,7 +143,7 @@ def test_validation_picks_the_threshold_with_the_best_dice():
     identity = Letterbox((0, 0, 8, 8), (0, 0, 8, 8), 8, (8, 8))
     sample = Sample("0", np.zeros((8, 8, 3), np.uint8), truth.astype(np.float32),
                     np.ones((8, 8), np.uint8), identity, truth)
-    means, best = validate(Fixed(), [sample], torch.device("cpu"))
+    means, best, _ = validate(Fixed(), [sample], torch.device("cpu"))
     assert best == pytest.approx(0.6)
     assert means[best]["dice"] == 1.0
     assert means[0.5]["dice"] == pytest.approx(12 / 15)  # 6 vessels found, 3 false alarms

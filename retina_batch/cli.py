@@ -94,6 +94,15 @@ def train(data_dirs, out_dir, resume, **options):
               f"weights {out_dir}/model.pt")
 
 
+def _canvas_size(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter("use auto or a side in pixels, e.g. 768") from None
+
+
 @main.command()
 @click.argument("source", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
@@ -113,6 +122,12 @@ def train(data_dirs, out_dir, resume, **options):
 @model_options
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="[model] Vessel probability threshold (default: the model card's).")
+@click.option("--size", default="auto", show_default=True, callback=_canvas_size,
+              help="[model] Working canvas side in pixels, or auto: the model's own size, "
+                   "twice that for photographs of 2400 px and more (fine vessels).")
+@click.option("--tta", is_flag=True,
+              help="[model] Average the predictions of the image and its three flips "
+                   "(4x the inference cost).")
 @click.option("--batch-size", default=2, show_default=True, type=click.IntRange(1, 256),
               help="[speed] Images per backend call.")
 @click.option("--workers", default=0, type=click.IntRange(0, 256),

@@ -27,12 +27,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .backends.tta import FlipTTA
 from .card import write_json_atomic
 from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
 from .layout import Layout, check_not_inputs, check_writable
 from .ledger import Ledger, RunSettings, relative_to
 from .metrics import evaluate_image
-from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
+from .preprocess import (
+    FieldOfView,
+    canvas_sizes,
+    choose_canvas,
+    detect_fov,
+    letterbox,
+    to_rgb8,
+    unletterbox,
+)
 from .records import SCORE_FIELDS, write_metrics_csv
 from .resume import Plan, check_settings, plan_run
 from .summary import RunTally, build_summary, model_identity
@@ -54,6 +63,8 @@ class Options:
     inflight: int = 2  # batches submitted to the backend and not yet collected
     write: bool = True  # False: run every stage except writing files (benchmarks)
     reduced_decode: bool = True  # False: always decode at full size (benchmark comparisons)
+    size: int | str | None = None  # canvas side or "auto" (preprocess.choose_canvas); None: the
+    # model's working size
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
@@ -99,6 +110,8 @@ class Pipeline:
         self.fov_files = index_by_key(options.fov_dir, fov=True)
         self.stop = options.stop or threading.Event()
         self.tally = RunTally()
+        self.policy = options.size or backend.size
+        self.sizes = canvas_sizes(backend.size, self.policy)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_id = f"{stamp}-{secrets.token_hex(3)}"  # unique even for runs a second apart
 
@@ -107,8 +120,9 @@ class Pipeline:
         """Decode, detect the FOV, letterbox onto the canvas. Never raises."""
         start = time.perf_counter()
         try:
+            # Decoded for the largest canvas the policy may pick: the choice needs the size.
             raw, (width, height), factor = decode(
-                item.path, self.backend.size if self.opt.reduced_decode else None)
+                item.path, max(self.sizes) if self.opt.reduced_decode else None)
             rgb = to_rgb8(raw)
         except Exception as e:
             return item.fail("decode", e)
@@ -116,8 +130,9 @@ class Pipeline:
         start = _timed(item.row, "decode_s", start)
         try:
             fov = self._fov(item, rgb)
-            item.canvas, item.letterbox = letterbox(rgb, fov.box, self.backend.size,
-                                                    (width, height))
+            canvas = choose_canvas((width, height), self.backend.size, self.policy)
+            item.canvas, item.letterbox = letterbox(rgb, fov.box, canvas, (width, height))
+            item.row["canvas"] = canvas
             item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb
@@ -211,7 +226,7 @@ class Pipeline:
                     for future in self.decodes:
                         future.cancel()
                     self.decodes.clear()
-                    self.batch.clear()
+                    self.batches.clear()
                 # Batches already in the backend and rows being written are finished either way.
                 self._drain()
             self.ledger.commit()
@@ -238,16 +253,24 @@ class Pipeline:
             if self.opt.overwrite:
                 ledger.reset()
             else:
-                check_settings(ledger, self.layout, model["weights_sha256"], model_file,
+                check_settings(ledger, self.layout, self._made_by(model), model_file,
                                self.threshold)
                 if self.opt.write and ledger.view_stale():  # a killed run left it behind
                     self._write_view(ledger)
         except BaseException:
             ledger.close()
             raise
-        ledger.begin(RunSettings(self.run_id, model["weights_sha256"], self.threshold,
+        ledger.begin(RunSettings(self.run_id, self._made_by(model), self.threshold,
                                  model_file))
         return ledger, model
+
+    def _made_by(self, model: dict) -> str:
+        """What the settings check compares: the weights, plus the inference options that
+        change the masks when they differ from the defaults (flip TTA, a fixed canvas)."""
+        variant = "".join(f"+{v}" for v in (
+            "tta" if getattr(self.backend, "tta", False) else "",
+            f"size={self.policy}" if self.opt.size not in (None, "auto") else "") if v)
+        return (model["weights_sha256"] or "?") + variant
 
     def _write_view(self, ledger: Ledger | None = None) -> dict | None:
         """Rewrite metrics.csv from the ledger when it no longer matches it."""
@@ -262,7 +285,7 @@ class Pipeline:
     @contextlib.contextmanager
     def _pools(self):
         self.decodes: deque[Future] = deque()
-        self.batch: list[Item] = []
+        self.batches: dict[int, list[Item]] = {}  # canvas side -> items waiting for a batch
         self.inferring: deque = deque()
         self.writes: deque[Future] = deque()
         self.decoder = ThreadPoolExecutor(self.workers, thread_name_prefix="decode")
@@ -302,12 +325,14 @@ class Pipeline:
         if item.row.get("status") == "error":
             self._record(item)
             return
-        self.batch.append(item)
-        if len(self.batch) == self.backend.batch_size:
-            self._submit_batch()
+        # One batch per canvas size: a batch is one tensor.
+        batch = self.batches.setdefault(item.letterbox.canvas, [])
+        batch.append(item)
+        if len(batch) == self.backend.batch_size:
+            self._submit_batch(item.letterbox.canvas)
 
-    def _submit_batch(self) -> None:
-        items, self.batch = self.batch, []
+    def _submit_batch(self, size: int) -> None:
+        items = self.batches.pop(size)
         canvases = np.stack([it.canvas for it in items])
         for it in items:
             it.canvas = None
@@ -340,8 +365,8 @@ class Pipeline:
 
     def _drain(self) -> None:
         """Finish everything taken so far: batches in the backend, rows being written."""
-        if self.batch:
-            self._submit_batch()
+        for size in list(self.batches):
+            self._submit_batch(size)
         while self.inferring:
             self._take_inferred()
         while self.writes:
@@ -409,6 +434,7 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
             batch_size: int = 2, workers: int = 0, inflight: int = 2,
+            size: int | str = "auto", tta: bool = False,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
@@ -445,6 +471,27 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
+        options.size = _size_policy(runner, size)
+        runner = FlipTTA(runner) if tta else runner
         if on_open:
             on_open(runner)
         return Pipeline(runner, options, on_row, on_start).run(source)
+
+
+def _size_policy(runner, size: int | str | None) -> int | str:
+    """`size` if the model takes every canvas it can choose. `auto` with a fixed-size graph
+    (exported before graphs had dynamic sizes) quietly means the working size."""
+    from .backends import BackendUnavailable
+
+    policy = size or runner.size
+    if policy != "auto" and (int(policy) < 32 or int(policy) % 32):
+        raise BackendUnavailable(f"--size {policy}: use auto or a multiple of 32 (>= 32)")
+    rejected = [s for s in canvas_sizes(runner.size, policy) if not runner.accepts(s)]
+    if rejected and policy == "auto":
+        return runner.size
+    if rejected:
+        raise BackendUnavailable(
+            f"--size {policy}: {runner.model_path.name} takes only {runner.size} x "
+            f"{runner.size} canvases; re-export it (retina-batch export) for dynamic sizes, "
+            f"or leave --size at auto")
+    return policy

@@ -89,6 +89,26 @@ def detect_fov(rgb: np.ndarray) -> FieldOfView:
     return FieldOfView(mask, (x, y, x + bw, y + bh), True)
 
 
+# `--size auto`: photographs whose longer side reaches AUTO_LARGE_SIDE pixels go on a canvas
+# twice the model's working size, smaller ones on the working size itself. On a 512 canvas a
+# 3504 px photograph's finest vessels (3-5 px at full size) shrink below one canvas pixel and
+# vanish; on 1024 they keep 1-2 px, the calibre the model was trained to see. Below that side
+# the larger canvas buys nothing measurable and costs 4x (figures: train/default/README.md).
+AUTO_LARGE_SIDE = 2400
+
+
+def choose_canvas(image_size: tuple[int, int], working_size: int, policy: int | str) -> int:
+    """The canvas side for one photograph: `policy` is a side in pixels or "auto"."""
+    if policy != "auto":
+        return int(policy)
+    return 2 * working_size if max(image_size) >= AUTO_LARGE_SIDE else working_size
+
+
+def canvas_sizes(working_size: int, policy: int | str) -> list[int]:
+    """Every canvas side `policy` can choose (what the backend and its engine must accept)."""
+    return [working_size, 2 * working_size] if policy == "auto" else [int(policy)]
+
+
 @dataclass(frozen=True)
 class Letterbox:
     """Where a crop of the image went on the square canvas; enough to map predictions back."""

@@ -20,7 +20,7 @@ STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s")
 SCORE_FIELDS = ("dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice",
                 "fov_auc")
 METRIC_FIELDS = [
-    "run_id", "path", "output", "status", "message", "width", "height", "decode_scale",
+    "run_id", "path", "output", "status", "message", "width", "height", "decode_scale", "canvas",
     "fov_found", "fov_area", "vessel_fraction", "threshold", *STAGES, "truth", *SCORE_FIELDS,
 ]
 

@@ -90,11 +90,17 @@ class Backend(abc.ABC):
         return {"backend": self.name, "model": str(self.model_path),
                 "model_sha256": self.card.get("sha256"), "device": self.device}
 
+    def accepts(self, size: int) -> bool:
+        """Whether the model takes a size x size canvas: a fixed-size graph takes one size,
+        subclasses with dynamic graphs say which others."""
+        return size == self.size
+
     def check_batch(self, batch: np.ndarray) -> None:
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (self.size,
-                                                                             self.size, 3):
-            raise ValueError(f"{self.name}: expected uint8 N x {self.size} x {self.size} x 3, "
-                             f"got {batch.dtype} {batch.shape}")
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3 \
+                or batch.shape[1] != batch.shape[2] or not self.accepts(batch.shape[1]):
+            raise ValueError(f"{self.name}: expected uint8 N x S x S x 3 with S = {self.size}"
+                             f" or another side the model accepts, got {batch.dtype} "
+                             f"{batch.shape}")
         if len(batch) > self.batch_size:
             raise ValueError(f"{self.name}: batch of {len(batch)} > batch size {self.batch_size}")
 

@@ -56,6 +56,12 @@ class OnnxRuntimeBackend(WorkerThreadBackend):
         self.output_name = self.session.get_outputs()[0].name
         self.providers = self.session.get_providers()
 
+    def accepts(self, size: int) -> bool:
+        # N x H x W x 3: a graph exported with dynamic sizes names H and W instead of fixing them.
+        height, width = self.session.get_inputs()[0].shape[1:3]
+        dynamic = not isinstance(height, int) and not isinstance(width, int)
+        return size == self.size or (dynamic and size % 32 == 0)
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         (out,) = self.session.run([self.output_name], {self.input_name: batch})
         return out.astype(np.float32, copy=False)

@@ -59,6 +59,9 @@ class TorchBackend(WorkerThreadBackend):
         self.module = InferenceModel(load_network(self.model_path)).to(self.torch_device).eval()
         self._torch = torch
 
+    def accepts(self, size: int) -> bool:
+        return size % 32 == 0  # eager PyTorch: any side the U-Net's downsamplings divide
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():

@@ -20,6 +20,8 @@ FLIPS = (None, (2,), (1,), (1, 2))
 class FlipTTA:
     """Wraps an opened backend; same `submit` / attributes, four views per batch."""
 
+    tta = True  # the output folder records that its masks were made with TTA
+
     def __init__(self, inner):
         self.inner = inner
 

@@ -274,7 +274,7 @@ class Ledger:
         run = self.run
         args = (status, json.dumps(outputs or {}), run.model_sha256 if status == "ok" else None,
                 run.threshold if status == "ok" else None, run.run_id, time.time_ns(),
-                json.dumps(row, default=_plain))
+                json.dumps(row, default=_plain, separators=(",", ":")))
         if input_stat is None:
             self._write("UPDATE entries SET status = ?, outputs = ?, model_sha256 = ?, "
                         "threshold = ?, queued = NULL, run_id = ?, recorded_ns = ?, row = ? "
@@ -372,8 +372,15 @@ class Ledger:
 
 
 def relative_to(path: Path, folder: Path) -> str:
-    """How an output path is stored: relative to OUT, so a moved folder stays valid."""
-    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+    """How an output path is stored: relative to OUT, so a moved folder stays valid.
+    (String operations for the common case, a path inside OUT: this runs once per input and
+    output kind on every resume check.)"""
+    path, base = os.path.abspath(path), os.path.abspath(folder)
+    if path.startswith(base + os.sep):
+        rel = path[len(base) + 1:]
+    else:
+        rel = os.path.relpath(path, base)
+    return rel.replace(os.sep, "/") if os.sep != "/" else rel
 
 
 def _non_empty(path: Path) -> bool:

@@ -31,7 +31,7 @@ from .backends.tta import FlipTTA
 from .card import write_json_atomic
 from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
 from .layout import Layout, check_not_inputs, check_writable
-from .ledger import Ledger, RunSettings, relative_to
+from .ledger import RunSettings, relative_to
 from .metrics import evaluate_image
 from .preprocess import (
     FieldOfView,
@@ -42,8 +42,8 @@ from .preprocess import (
     to_rgb8,
     unletterbox,
 )
-from .records import SCORE_FIELDS, write_metrics_csv
-from .resume import Plan, check_settings, plan_run
+from .records import SCORE_FIELDS, refresh_view
+from .resume import Plan, open_ledger, plan_run
 from .summary import RunTally, build_summary, model_identity
 
 
@@ -208,29 +208,15 @@ class Pipeline:
     def run(self, source) -> dict:
         """Process every input of `source` that the output folder does not hold yet."""
         started, t0 = datetime.now(timezone.utc), time.perf_counter()
-        self.interrupted = False
-        self.ledger, model = self._open_ledger()
-        plan = Plan(started=t0)
+        model = model_identity(self.backend)
+        model_file = str(getattr(self.backend, "model_path", "") or "")
+        self.ledger = open_ledger(self.layout, RunSettings(
+            self.run_id, self._made_by(model), self.threshold, model_file),
+            write=self.opt.write, overwrite=self.opt.overwrite)
         try:
-            with _opencv_quiet(), self._pools():
-                try:
-                    plan = plan_run(source, self.layout, self.ledger, self.run_id,
-                                    overwrite=self.opt.overwrite, stop=self.stop,
-                                    on_refused=self._refuse, started=t0)
-                    self.on_start(plan)
-                    self._feed(self.ledger.queued(self.run_id))
-                except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
-                    self.stop.set()
-                if self.stop.is_set():
-                    self.interrupted = True
-                    for future in self.decodes:
-                        future.cancel()
-                    self.decodes.clear()
-                    self.batches.clear()
-                # Batches already in the backend and rows being written are finished either way.
-                self._drain()
-            self.ledger.commit()
-            view = self._write_view()
+            plan = self._process(source, t0)
+            view = refresh_view(self.ledger, self.layout.metrics_path) if self.opt.write \
+                else None
             self.tally.counts["skipped"] = plan.done
             summary = build_summary(
                 tally=self.tally, found=plan.found, folder=self.ledger.totals(),
@@ -243,26 +229,29 @@ class Pipeline:
         finally:
             self.ledger.close()
 
-    def _open_ledger(self) -> tuple[Ledger, dict]:
-        """The folder's ledger, checked against this run's model and threshold (a folder holds
-        the results of one model and threshold; --overwrite starts it anew)."""
-        model = model_identity(self.backend)
-        ledger = Ledger(self.layout.out if self.opt.write else None)
-        try:
-            model_file = str(getattr(self.backend, "model_path", "") or "")
-            if self.opt.overwrite:
-                ledger.reset()
-            else:
-                check_settings(ledger, self.layout, self._made_by(model), model_file,
-                               self.threshold)
-                if self.opt.write and ledger.view_stale():  # a killed run left it behind
-                    self._write_view(ledger)
-        except BaseException:
-            ledger.close()
-            raise
-        ledger.begin(RunSettings(self.run_id, self._made_by(model), self.threshold,
-                                 model_file))
-        return ledger, model
+    def _process(self, source, t0: float) -> Plan:
+        """Check the inputs against the ledger, then stream this run's work list through the
+        stages; an interrupt stops the intake, what is in flight is finished and recorded."""
+        plan, self.interrupted = Plan(started=t0), False
+        with _opencv_quiet(), self._pools():
+            try:
+                plan = plan_run(source, self.layout, self.ledger, self.run_id,
+                                overwrite=self.opt.overwrite, stop=self.stop,
+                                on_refused=self._refuse, started=t0)
+                self.on_start(plan)
+                self._feed(self.ledger.queued(self.run_id))
+            except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
+                self.stop.set()
+            if self.stop.is_set():
+                self.interrupted = True
+                for future in self.decodes:
+                    future.cancel()
+                self.decodes.clear()
+                self.batches.clear()
+            # Batches already in the backend and rows being written are finished either way.
+            self._drain()
+        self.ledger.commit()
+        return plan
 
     def _made_by(self, model: dict) -> str:
         """What the settings check compares: the weights, plus the inference options that
@@ -271,16 +260,6 @@ class Pipeline:
             "tta" if getattr(self.backend, "tta", False) else "",
             f"size={self.policy}" if self.opt.size not in (None, "auto") else "") if v)
         return (model["weights_sha256"] or "?") + variant
-
-    def _write_view(self, ledger: Ledger | None = None) -> dict | None:
-        """Rewrite metrics.csv from the ledger when it no longer matches it."""
-        ledger = ledger or self.ledger
-        if not self.opt.write:
-            return None
-        if ledger.view_stale() or not self.layout.metrics_path.exists() \
-                or ledger.last_view() is None:
-            ledger.view_written(write_metrics_csv(ledger.rows(), self.layout.metrics_path))
-        return ledger.last_view()
 
     @contextlib.contextmanager
     def _pools(self):

@@ -51,3 +51,11 @@ def write_metrics_csv(rows, path: Path) -> dict:
     os.replace(tmp, path)
     means = {k: round(sums[k] / counts[k], 5) for k in SCORE_FIELDS if counts[k]}
     return {"rows": n, "truth_images": scored, "truth_means": means}
+
+
+def refresh_view(ledger, path: Path) -> dict:
+    """Rewrite metrics.csv from the ledger if it no longer matches it (or is missing); returns
+    what the last rewrite saw (rows, folder means against ground truth)."""
+    if ledger.view_stale() or not Path(path).exists() or ledger.last_view() is None:
+        ledger.view_written(write_metrics_csv(ledger.rows(), path))
+    return ledger.last_view()

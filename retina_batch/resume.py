@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .io import discover
 from .layout import Layout, OutputError
-from .ledger import Ledger
+from .ledger import Ledger, RunSettings
+from .records import refresh_view
 
 
 class SettingsMismatch(OutputError):
@@ -35,6 +36,25 @@ class Plan:
     todo: int = 0  # queued for this run
     refused: int = 0  # error rows: another input writes the same output name
     started: float = 0.0  # time.perf_counter() when the run began: img/s is measured from it
+
+
+def open_ledger(layout: Layout, run: RunSettings, *, write: bool, overwrite: bool) -> Ledger:
+    """The output folder's ledger, ready for `run`: started anew with --overwrite, otherwise
+    checked against the run's model and threshold (SettingsMismatch), and its metrics view
+    brought up to date first if a killed run left it behind. `write=False`: in memory."""
+    ledger = Ledger(layout.out if write else None)
+    try:
+        if overwrite:
+            ledger.reset()
+        else:
+            check_settings(ledger, layout, run.model_sha256, run.model, run.threshold)
+            if write and ledger.view_stale():
+                refresh_view(ledger, layout.metrics_path)
+    except BaseException:
+        ledger.close()
+        raise
+    ledger.begin(run)
+    return ledger
 
 
 def check_settings(ledger: Ledger, layout: Layout, model_sha256: str | None, model: str,

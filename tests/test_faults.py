@@ -124,6 +124,8 @@ def test_a_write_that_fails_half_way_leaves_nothing_and_is_redone(tiny_onnx, tmp
     # Nothing under the final name (no truncated file), no temporary left behind either:
     # the folder holds the other three images' files and nothing else.
     assert not target.exists()
+    if kind != "mask":  # the mask is written last: a failed image has none
+        assert not (out / "1.png").exists()
     others = [f"{i}{target.suffix}" for i in (0, 2, 3)]
     assert files_under(folders[kind]) == sorted(
         others + (["metrics.csv", "summary.json"] if kind == "mask" else []))
@@ -167,7 +169,6 @@ def test_symlink_loops_in_the_input_are_skipped_and_other_links_followed(tiny_on
     write(src / "sub" / "b.png", fundus_like(61, 51))
     write(elsewhere / "c.png", fundus_like(62, 52))
     (src / "sub" / "loop").symlink_to(src)  # back to an ancestor: would never end
-    (src / "sub" / "up").symlink_to("..")
     (src / "self").symlink_to("self")  # a link to itself: ELOOP on stat
     (src / "linked").symlink_to(elsewhere)  # an ordinary link to a folder: followed
     result = segment_cli(tiny_onnx, src, tmp_path / "out", "-q")

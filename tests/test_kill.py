@@ -26,6 +26,7 @@ from kill_resume import (
     segment_argv,
     start,
 )
+from test_segment import rows_of
 
 
 def finish(argv) -> None:
@@ -70,3 +71,28 @@ def test_deterministic_kill_then_rerun(tiny_onnx, tmp_path, prelude):
     assert check_folder(src, out, sizes) == []
     for name in by_name:
         assert (prob / name).read_bytes().endswith(PNG_END), name
+
+
+def test_a_run_after_a_kill_first_rewrites_the_metrics_view(tiny_onnx, tmp_path):
+    """A run killed after recording results but before rewriting metrics.csv leaves the view
+    behind the ledger; the next run rewrites it before anything else, so a second kill cannot
+    leave it behind for good."""
+    from retina_batch.ledger import Ledger, RunSettings
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    sizes = make_inputs(src, 3)
+    argv = segment_argv(tiny_onnx, src, out)
+    finish(argv)
+    # What the killed run committed: a newer result for one input (here written directly).
+    ledger = Ledger(out)
+    entry = ledger.get("clinic0/0000.jpg")
+    ledger.begin(RunSettings("killed-run", entry.model_sha256, entry.threshold))
+    ledger.record(entry.key, "ok", {"path": entry.path, "status": "ok", "run_id": "killed-run"},
+                  entry.outputs)
+    ledger.close()
+    (src / "clinic1" / "0001.png").touch()  # work for the next run, which is killed at once
+    proc = start(argv, fault(KILL_AFTER_FILE, 1))
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    rows = {r["path"]: r["run_id"] for r in rows_of(out / "metrics.csv")}
+    assert rows[entry.path] == "killed-run" and len(rows) == len(sizes)

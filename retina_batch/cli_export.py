@@ -14,8 +14,11 @@ from .cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="[outputs] Folder for model.onnx, model.fp16.onnx and their .json cards.")
-@click.option("--size", metavar="HxW",
-              help="[model] Working canvas, e.g. 512x512 (default: the card's working size).")
+@click.option("--size", metavar="MIN,OPT,MAX",
+              help="[model] Square canvas sides the graphs are checked at and the engine "
+                   "accepts (MIN..MAX), OPT being the working canvas; N or NxN for exactly one "
+                   "(default: the card's working size W, as W,W,2W; e.g. 512,512,1024). "
+                   "Multiples of 2**depth (16).")
 @click.option("--batch", default="1,4,16", show_default=True, metavar="MIN,OPT,MAX",
               help="[engine] Batch sizes the engine accepts (MIN..MAX) and is tuned for (OPT).")
 @click.option("--engine-dir", default="engines", show_default=True,
@@ -24,7 +27,7 @@ from .cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
               help="[engine] Limit TensorRT's build workspace (default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False),
               help="[engine] Timing cache file, reused and updated "
-                   "(default: ENGINE_DIR/timing.<sm>.<trt>.cache).")
+                   "(default: ENGINE_DIR/timing.<gpu>.<sm>.<trt>.cache).")
 @click.option("--no-engine", is_flag=True, help="[engine] Only write the ONNX files.")
 @click.option("--require-engine", is_flag=True,
               help="[engine] Exit 1 when no engine could be built (no TensorRT or GPU).")
@@ -40,8 +43,9 @@ def export(checkpoint, out, no_engine, as_json, **options):
     \b
     Writes OUT/model.onnx (fp32) and OUT/model.fp16.onnx (mixed precision, for GPUs), each
     checked against its reference (PyTorch; fp32) with the figures in its card; then, where
-    TensorRT and an NVIDIA GPU are present, ENGINE_DIR/<run>.sm<XY>.engine + .json sidecar.
-    Without them the ONNX files are still written and the exit status is 0.
+    TensorRT and an NVIDIA GPU are present, ENGINE_DIR/<run>.<gpu>.sm<XY>.trt<version>.engine
+    + .json sidecar. Without them the ONNX files are still written and the exit status is 0;
+    an engine TensorRT could not build (its messages are shown) exits 1.
     Run it after every retraining, and on each GPU type that will run the engine.
     """
     from importlib.util import find_spec
@@ -53,12 +57,14 @@ def export(checkpoint, out, no_engine, as_json, **options):
     if missing:
         fail(f"export needs PyTorch and onnx ({', '.join(missing)} missing): "
              "pip install 'retina-batch[train]'")
-    from .export import EngineUnavailable, ExportError, ParityError
+    from .engine_build import EngineBuildError
+    from .export import EngineUnavailable, ExportError, GraphRuleError, ParityError
     from .export import export as run_export
     try:
-        summary = run_export(checkpoint, out, engine=not no_engine, log=err.print, **options)
-    except (EngineUnavailable, ParityError) as e:  # the ONNX files are written; not a misuse
-        fail(str(e), EXIT_SOME_FAILED)
+        summary = run_export(checkpoint, out, engine=not no_engine,
+                             log=lambda text: err.print(escape(text)), **options)
+    except (EngineUnavailable, ParityError, GraphRuleError, EngineBuildError) as e:
+        fail(str(e), EXIT_SOME_FAILED)  # the ONNX files are written: not a misuse
     except ExportError as e:
         fail(str(e), EXIT_USAGE)
     if as_json:
@@ -89,3 +95,7 @@ def _print_summary(summary: dict, err) -> None:
                       f"{parity['mask_dice_min']:.4f}", f"{parity['mask_agreement']:.4%}")
     err.print(table)
     err.print(f"parity images: {summary['parity_fp32']['images']}")
+    for side, fp32 in summary["parity_fp32"].get("canvases", {}).items():
+        fp16 = summary["parity_fp16"]["canvases"][side]
+        err.print(f"at {side}x{side}: fp32 max |diff| {fp32['max_abs_diff']:.2e}, fp16 mask "
+                  f"Dice {fp16['mask_dice_min']:.4f} (one image)")

@@ -5,17 +5,18 @@
     engines/*.engine  TensorRT, when tensorrt and a CUDA GPU are present
 
 Both graphs take uint8 N x H x W x 3 RGB (normalisation inside) and give float32 N x H x W
-probabilities, with a dynamic batch axis and the spatial size fixed at the working size. Each
-file gets a card (`X.onnx.json`, `X.engine.json`): the checkpoint's card plus an `export` (or
-`tensorrt`) section with provenance and parity figures measured here, on the CPU.
+probabilities, with dynamic batch, height and width axes (the network is fully convolutional;
+sides must be multiples of 2**depth). Each file gets a card (`X.onnx.json`, `X.engine.json`):
+the checkpoint's card plus an `export` (or `tensorrt`) section with provenance, the accepted
+shapes and parity figures measured here, on the CPU, at the working canvas and at the smallest,
+middle and largest canvas of the profile. The graphs are checked against the ONNX-TensorRT
+parser's rules (graph_rules) before anything is built from them.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,15 +25,20 @@ import numpy as np
 from .backends.base import BackendUnavailable
 from .card import load_card, sha256, write_json_atomic
 from .metrics import Confusion, scores
+from .shapes import DEFAULT_BATCH, Range, ShapeError, parse_batch, parse_canvas, profile_record
 
 OPSET = 17
 INPUT, OUTPUT = "images", "probabilities"
-DEFAULT_PROFILE = "1,4,16"
 ENGINE_DIR = Path("engines")
 # ONNX fp32 vs PyTorch. Summation order differs between the runtimes; through 20+ convolutions
 # and a sigmoid that reaches ~1e-3 on a few pixels of a 512 px photograph (mean ~1e-5), while a
 # broken export (wrong normalisation, a traced constant) is off by 0.1 or more.
 FP32_MAX_DIFF = 1e-2
+# The same check at the other canvases of the profile (one image resized to each): the
+# standardisation sums 4x more pixels at 1024 px, and the shipped model's worst pixel moved to
+# 8.9e-3 there (1.6e-3 at 768, mean 1e-5 at both), too close to 1e-2 to be a fair limit. A
+# dynamic axis that does not compute the same function is off by far more than 5e-2.
+FP32_CANVAS_MAX_DIFF = 5e-2
 FP16_MIN_DICE = 0.99  # fp16 vs fp32 masks, worst image
 
 
@@ -48,47 +54,8 @@ class EngineUnavailable(ExportError):
     """No engine could be built here (only raised with require_engine)."""
 
 
-# --- options ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Profile:
-    """TensorRT optimisation profile: the batch sizes an engine accepts (min..max) and the one
-    it is tuned for (opt)."""
-
-    min: int
-    opt: int
-    max: int
-
-    def shapes(self, size: int) -> list[tuple[int, int, int, int]]:
-        return [(n, size, size, 3) for n in (self.min, self.opt, self.max)]
-
-
-def parse_profile(text: str) -> Profile:
-    """'min,opt,max' (e.g. '1,4,16'), or one N meaning '1,N,N'."""
-    parts = [p.strip() for p in str(text).split(",")]
-    if not all(re.fullmatch(r"\d+", p) for p in parts) or len(parts) not in (1, 3):
-        raise ExportError(f"--batch {text!r}: expected MIN,OPT,MAX such as 1,4,16 (or one N)")
-    values = [int(p) for p in parts]
-    profile = Profile(1, values[0], values[0]) if len(values) == 1 else Profile(*values)
-    if not 1 <= profile.min <= profile.opt <= profile.max:
-        raise ExportError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX")
-    return profile
-
-
-def parse_size(text, default: int) -> int:
-    """'512', '512x512' or None (the card's working size). Square only: the pipeline letterboxes
-    every photograph onto a square canvas."""
-    if text is None or text == "":
-        return int(default)
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*", str(text))
-    if not match:
-        raise ExportError(f"--size {text!r}: expected HxW such as 512x512")
-    h, w = int(match[1]), int(match[2] or match[1])
-    if h != w:
-        raise ExportError(f"--size {text}: the working canvas is square (the pipeline "
-                          "letterboxes onto it); use e.g. 512x512")
-    if not 32 <= h <= 4096:
-        raise ExportError(f"--size {text}: choose a side between 32 and 4096")
-    return h
+class GraphRuleError(ExportError):
+    """An exported graph breaks a rule of the ONNX-TensorRT parser (graph_rules)."""
 
 
 # --- graphs ----------------------------------------------------------------------------------
@@ -123,7 +90,7 @@ def mixed_precision_model(net):
     import torch
     from torch import nn
 
-    from .model import standardise
+    from .model import standardise, unit_nchw
 
     class MixedPrecision(nn.Module):
         def __init__(self):
@@ -131,11 +98,18 @@ def mixed_precision_model(net):
             self.net = fold_batchnorm(net).half()
 
         def forward(self, images):
-            x = standardise(images.permute(0, 3, 1, 2).float() * (1.0 / 255.0))
+            x = standardise(unit_nchw(images))
             logits = self.net(x.half())
             return torch.sigmoid(logits.float())[:, 0]
 
     return MixedPrecision().eval()
+
+
+# Batch, height and width are dynamic: one graph (and one engine) serves every canvas of the
+# profile. Traced at a multiple of 2**depth, so the padding branch of the network is not in the
+# graph: canvases must be multiples of 2**depth (shapes.parse_canvas enforces it).
+DYNAMIC_AXES = {INPUT: {0: "batch", 1: "height", 2: "width"},
+                OUTPUT: {0: "batch", 1: "height", 2: "width"}}
 
 
 def export_onnx(module, path: Path, size: int) -> None:
@@ -146,13 +120,25 @@ def export_onnx(module, path: Path, size: int) -> None:
     import onnx
     import torch
 
-    with warnings.catch_warnings():  # tracer warnings about the fixed-size padding branch
+    with warnings.catch_warnings():  # tracer warnings about the padding branch
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (torch.zeros(1, size, size, 3, dtype=torch.uint8),),
                           str(path), input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                          dynamo=False, opset_version=OPSET, do_constant_folding=True)
+                          dynamic_axes=DYNAMIC_AXES, dynamo=False, opset_version=OPSET,
+                          do_constant_folding=True)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def check_graph_rules(path: Path, batch: Range, canvas: Range) -> None:
+    """Refuse to ship a graph the ONNX-TensorRT parser would reject (an exported graph is the
+    source of every engine, and engines are built on machines where a failure costs most)."""
+    from .graph_rules import check_tensorrt_parsable
+    from .shapes import input_shapes
+
+    problems = check_tensorrt_parsable(path, {INPUT: input_shapes(batch, canvas)})
+    if problems:
+        raise GraphRuleError(f"{path.name} breaks the ONNX-TensorRT parser's rules: "
+                             + "; ".join(problems) + " (please report it)")
 
 
 # --- parity ----------------------------------------------------------------------------------
@@ -258,11 +244,41 @@ def maybe_simplify(path: Path, images: np.ndarray) -> str:
     return f"onnxslim did not help ({t0:.3f}s -> {t1:.3f}s): kept the exported graph"
 
 
+# --- parity across canvases ------------------------------------------------------------------
+def canvas_sides(canvas: Range, multiple: int) -> list[int]:
+    """The smallest, a middle and the largest canvas of the profile, besides the working one
+    (which every parity image checks)."""
+    middle = max(canvas.min, (canvas.min + canvas.max) // 2 // multiple * multiple)
+    return sorted({canvas.min, middle, canvas.max} - {canvas.opt})
+
+
+def parity_across_canvases(reference, candidate, image: np.ndarray, sides, threshold) -> dict:
+    """compare() of two runtimes on `image` resized to each side: the dynamic height and width
+    axes compute the same function at every canvas of the profile, not only the traced one."""
+    import cv2
+
+    figures = {}
+    for side in sides:
+        x = cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR)[None]
+        figures[str(side)] = compare(reference(x), candidate(x), threshold)
+    return figures
+
+
+def _worst(parity: dict, key: str, pick) -> float:
+    return pick([parity[key]] + [c[key] for c in parity.get("canvases", {}).values()])
+
+
+def _worst_canvas_diff(parity: dict) -> float:
+    return max([c["max_abs_diff"] for c in parity.get("canvases", {}).values()], default=0.0)
+
+
 # --- cards -----------------------------------------------------------------------------------
-def export_card(source: dict, path: Path, size: int, section: dict) -> dict:
+def export_card(source: dict, path: Path, canvas: Range, multiple: int, section: dict) -> dict:
     card = {**copy.deepcopy(source), "weights": path.name, "sha256": sha256(path),
-            "working_size": size, "input": f"uint8 N x {size} x {size} x 3 RGB ({INPUT})",
-            "output": f"float32 N x {size} x {size} vessel probability ({OUTPUT})"}
+            "working_size": canvas.opt,
+            "input": f"uint8 N x H x W x 3 RGB ({INPUT}); H = W = {canvas.min}..{canvas.max}, "
+                     f"a multiple of {multiple}; working canvas {canvas.opt}",
+            "output": f"float32 N x H x W vessel probability ({OUTPUT})"}
     card.pop("tensorrt", None)
     card["export"] = {**section, "onnx_sha256": card["sha256"]}
     write_json_atomic(path.with_name(path.name + ".json"), card)
@@ -278,102 +294,67 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-# --- TensorRT --------------------------------------------------------------------------------
-def build_engine(onnx_path: Path, engine_path: Path, profile: Profile, size: int,
-                 workspace_mib: int | None = None, timing_cache: Path | None = None) -> dict:
-    """Build a strongly typed engine from the fp16 ONNX; returns the sidecar's tensorrt section.
-
-    Strong typing means the graph's casts decide every tensor's precision (TensorRT 11 has no
-    other way; 10.12+ needs the flag, 11 ignores it)."""
-    from .backends.tensorrt import import_tensorrt, running_platform
-    from .io import write_atomic
-
-    trt = import_tensorrt()
-    platform = running_platform()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-    network = builder.create_network(0 if flag is None else 1 << int(flag))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT could not parse {onnx_path}: {errors}")
-    config = builder.create_builder_config()
-    if workspace_mib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    shapes = builder.create_optimization_profile()
-    shapes.set_shape(INPUT, *profile.shapes(size))
-    config.add_optimization_profile(shapes)
-    # The timing cache makes rebuilds after retraining take seconds instead of minutes: tactic
-    # timings depend on layer shapes, not on weights.
-    blob = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
-    cache = config.create_timing_cache(blob) or config.create_timing_cache(b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ExportError("TensorRT could not build the engine (its log above says why)")
-    write_atomic(engine_path, bytes(plan))
-    if timing_cache:
-        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return {**platform, "profile": asdict(profile), "size": [size, size],
-            "input": INPUT, "output": OUTPUT, "workspace_mib": workspace_mib,
-            "timing_cache": str(timing_cache) if timing_cache else None,
-            "build_seconds": round(time.perf_counter() - start, 1),
-            "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path)}
-
-
-def engine_names(checkpoint: Path, platform: dict, engine_dir: Path) -> tuple[Path, Path]:
-    """engines/<run>.sm<XY>.engine and the timing cache shared by builds on this GPU type."""
-    stem = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.stem
-    sm = "sm" + platform["compute_capability"].replace(".", "")
-    trt = re.sub(r"[^0-9.]", "", platform["tensorrt"])
-    return (engine_dir / f"{stem or 'model'}.{sm}.engine",
-            engine_dir / f"timing.{sm}.trt{trt}.cache")
-
-
 # --- the whole export ------------------------------------------------------------------------
-def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None,
+def _shapes(batch, size, card: dict) -> tuple[Range, Range, int]:
+    multiple = 2 ** int(card.get("model", {}).get("depth", 4))
+    try:
+        batch = batch if isinstance(batch, Range) else parse_batch(batch)
+        canvas = size if isinstance(size, Range) else parse_canvas(
+            size, int(card.get("working_size", 512)), multiple)
+    except ShapeError as e:
+        raise ExportError(str(e)) from e
+    return batch, canvas, multiple
+
+
+def _source(checkpoint: Path) -> tuple[dict, object]:
+    from .backends.torch import load_network
+
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint not found: {checkpoint}")
+    try:
+        return load_card(checkpoint), load_network(checkpoint)
+    except (FileNotFoundError, BackendUnavailable) as e:
+        raise ExportError(str(e)) from e
+
+
+def export(checkpoint, out, *, batch: str | Range = DEFAULT_BATCH, size=None,
            engine_dir=ENGINE_DIR, engine: bool = True, require_engine: bool = False,
            workspace_mib: int | None = None, timing_cache=None, parity_folder=None,
            parity_count: int = 4, log=print) -> dict:
     """Export `checkpoint` (with its model.json card) to `out`; returns a summary dict.
 
-    Raises ExportError for user mistakes and failed parity checks, EngineUnavailable when
-    `require_engine` and no engine could be built (the ONNX files are written first)."""
-    from .backends.torch import load_network
+    `batch` and `size` are the TensorRT profile's MIN,OPT,MAX batch and canvas (shapes.py;
+    size None: the card's working size up to twice it). Raises ExportError for user mistakes,
+    and its subclasses ParityError / GraphRuleError for failed checks, EngineBuildError when
+    TensorRT cannot build the engine, EngineUnavailable when `require_engine` and no engine
+    could be built (in these four cases the ONNX files are written first)."""
     from .model import InferenceModel
 
     checkpoint, out = Path(checkpoint), Path(out)
-    profile = batch if isinstance(batch, Profile) else parse_profile(batch)
-    if not checkpoint.is_file():
-        raise ExportError(f"checkpoint not found: {checkpoint}")
-    try:
-        source_card = load_card(checkpoint)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from e
-    size = parse_size(size, source_card.get("working_size", 512))
-    threshold = float(source_card.get("threshold", 0.5))
-    try:
-        net = load_network(checkpoint)
-    except BackendUnavailable as e:
-        raise ExportError(str(e)) from e
+    source_card, net = _source(checkpoint)
+    batch, canvas, multiple = _shapes(batch, size, source_card)
+    size, threshold = canvas.opt, float(source_card.get("threshold", 0.5))
     out.mkdir(parents=True, exist_ok=True)
     images, described = parity_images(size, source_card, parity_folder, parity_count)
+    sides = canvas_sides(canvas, multiple)
     provenance = {"source": {"checkpoint": str(checkpoint), "sha256": sha256(checkpoint)},
                   "opset": OPSET, "exporter": "torch.onnx.export (TorchScript, dynamo=False)",
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "versions": _versions()}
+                  "versions": _versions(), "shapes": profile_record(batch, canvas)}
 
-    log(f"exporting {checkpoint} at {size}x{size}; parity on {described}")
+    log(f"exporting {checkpoint} for canvases {canvas.min}..{canvas.max} (working {size}); "
+        f"parity on {described}, and at {', '.join(map(str, sides)) or 'no other'} px")
+    module = InferenceModel(net).eval()
     fp32_path = out / "model.onnx"
-    export_onnx(InferenceModel(net).eval(), fp32_path, size)
+    export_onnx(module, fp32_path, size)
     simplified = maybe_simplify(fp32_path, images)
     fp32 = run_onnx(fp32_path, images)
     parity32 = {"reference": "PyTorch fp32 (CPU)", "runtime": "onnxruntime CPU",
-                "images": described,
-                **compare(run_torch(InferenceModel(net).eval(), images), fp32, threshold)}
-    fp32_card = export_card(source_card, fp32_path, size,
+                "images": described, **compare(run_torch(module, images), fp32, threshold),
+                "canvases": parity_across_canvases(lambda x: run_torch(module, x),
+                                                   lambda x: run_onnx(fp32_path, x),
+                                                   images[0], sides, threshold)}
+    fp32_card = export_card(source_card, fp32_path, canvas, multiple,
                             {**provenance, "precision": "fp32", "simplified": simplified,
                              "parity": parity32})
 
@@ -381,23 +362,23 @@ def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None
     export_onnx(mixed_precision_model(net), fp16_path, size)
     parity16 = {"reference": "model.onnx (fp32)", "runtime": "onnxruntime CPU",
                 "images": described, "min_dice": FP16_MIN_DICE,
-                **compare(fp32, run_onnx(fp16_path, images), threshold)}
-    fp16_card = export_card(source_card, fp16_path, size, {
+                **compare(fp32, run_onnx(fp16_path, images), threshold),
+                "canvases": parity_across_canvases(lambda x: run_onnx(fp32_path, x),
+                                                   lambda x: run_onnx(fp16_path, x),
+                                                   images[0], sides, threshold)}
+    fp16_card = export_card(source_card, fp16_path, canvas, multiple, {
         **provenance, "precision": "fp16 (mixed: uint8 input, fp32 scaling, standardisation "
         "and sigmoid; BatchNorm folded in fp32)", "parity": parity16})
 
     summary = {"onnx": str(fp32_path), "onnx_fp16": str(fp16_path), "size": size,
-               "profile": asdict(profile), "parity_fp32": parity32, "parity_fp16": parity16,
+               "canvas": canvas.as_dict(), "profile": batch.as_dict(),
+               "parity_fp32": parity32, "parity_fp16": parity16,
                "engine": None, "engine_skipped": None}
-    if parity32["max_abs_diff"] > FP32_MAX_DIFF:
-        raise ParityError(f"ONNX fp32 differs from PyTorch by {parity32['max_abs_diff']:.2g} "
-                          f"(> {FP32_MAX_DIFF:g}): the export is broken, please report it")
-    if parity16["mask_dice_min"] < FP16_MIN_DICE:
-        raise ParityError(f"fp16 masks agree with fp32 only to Dice "
-                          f"{parity16['mask_dice_min']:.4f} (< {FP16_MIN_DICE}): do not deploy "
-                          f"{fp16_path}; use model.onnx")
+    _check_parity(parity32, parity16, fp16_path)
+    for path in (fp32_path, fp16_path):
+        check_graph_rules(path, batch, canvas)
     if engine:
-        summary.update(_engine_step(checkpoint, out, fp16_path, fp16_card, profile, size,
+        summary.update(_engine_step(checkpoint, out, fp16_path, fp16_card, batch, canvas,
                                     Path(engine_dir), workspace_mib, timing_cache, log))
     else:
         summary["engine_skipped"] = "no TensorRT engine built: --no-engine"
@@ -407,9 +388,23 @@ def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None
     return summary
 
 
-def _engine_step(checkpoint, out, fp16_path, fp16_card, profile, size, engine_dir,
-                 workspace_mib, timing_cache, log) -> dict:
+def _check_parity(parity32: dict, parity16: dict, fp16_path: Path) -> None:
+    for diff, limit, where in ((parity32["max_abs_diff"], FP32_MAX_DIFF, "the working canvas"),
+                               (_worst_canvas_diff(parity32), FP32_CANVAS_MAX_DIFF,
+                                "another canvas of the profile")):
+        if diff > limit:
+            raise ParityError(f"ONNX fp32 differs from PyTorch by {diff:.2g} (> {limit:g}) at "
+                              f"{where}: the export is broken, please report it")
+    worst_dice = _worst(parity16, "mask_dice_min", min)
+    if worst_dice < FP16_MIN_DICE:
+        raise ParityError(f"fp16 masks agree with fp32 only to Dice {worst_dice:.4f} "
+                          f"(< {FP16_MIN_DICE}): do not deploy {fp16_path}; use model.onnx")
+
+
+def _engine_step(checkpoint, out, fp16_path, fp16_card, batch: Range, canvas: Range,
+                 engine_dir: Path, workspace_mib, timing_cache, log) -> dict:
     from .backends.tensorrt import running_platform
+    from .engine_build import build_engine, engine_names
 
     try:
         platform = running_platform()
@@ -417,14 +412,15 @@ def _engine_step(checkpoint, out, fp16_path, fp16_card, profile, size, engine_di
         return {"engine": None, "engine_skipped": f"no TensorRT engine built: {e}"}
     engine_path, default_cache = engine_names(checkpoint, platform, engine_dir)
     engine_dir.mkdir(parents=True, exist_ok=True)
-    log(f"building TensorRT engine for {platform['gpu']} (batch {profile.min}..{profile.max}, "
-        f"tuned for {profile.opt}); this takes minutes the first time")
-    section = build_engine(fp16_path, engine_path, profile, size, workspace_mib,
-                           Path(timing_cache) if timing_cache else default_cache)
+    log(f"building TensorRT engine for {platform['gpu']} (batch {batch.min}..{batch.max}, "
+        f"canvas {canvas.min}..{canvas.max}, tuned for {batch.opt} x {canvas.opt}); this takes "
+        "minutes the first time")
     rebuild = (f"retina-batch export {checkpoint} --out {out} --batch "
-               f"{profile.min},{profile.opt},{profile.max} --size {size}x{size}"
+               f"{batch.min},{batch.opt},{batch.max} --size "
+               f"{canvas.min},{canvas.opt},{canvas.max}"
                + ("" if engine_dir == ENGINE_DIR else f" --engine-dir {engine_dir}"))
-    sidecar = {**copy.deepcopy(fp16_card), "weights": engine_path.name,
-               "sha256": sha256(engine_path), "tensorrt": {**section, "rebuild": rebuild}}
-    write_json_atomic(engine_path.with_name(engine_path.name + ".json"), sidecar)
+    sidecar = build_engine(fp16_path, engine_path, batch, canvas, copy.deepcopy(fp16_card),
+                           rebuild, workspace_mib=workspace_mib,
+                           timing_cache=Path(timing_cache) if timing_cache else default_cache,
+                           log=log)
     return {"engine": str(engine_path), "engine_card": sidecar}

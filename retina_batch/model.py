@@ -121,16 +121,27 @@ def standardise(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + eps)
 
 
+def unit_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W in [0, 1], casting FIRST.
+
+    The order matters for TensorRT: its ONNX parser accepts a uint8 network input only when
+    the input's sole consumer is a Cast (no uint8 intermediate tensor; NVIDIA/TensorRT#3985),
+    so a Transpose before the Cast makes every engine build fail. graph_rules checks it.
+    """
+    return images.float().permute(0, 3, 1, 2) * (1.0 / 255.0)
+
+
 class InferenceModel(nn.Module):
-    """uint8 N x H x W x 3 RGB -> float32 vessel probabilities N x H x W (the exported graph)."""
+    """uint8 N x H x W x 3 RGB -> float32 vessel probabilities N x H x W (the exported graph).
+
+    Fully convolutional: any H, W that are multiples of 2**depth run without padding."""
 
     def __init__(self, net: AttentionUNet):
         super().__init__()
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        logits = self.net(standardise(x))
+        logits = self.net(standardise(unit_nchw(images)))
         return torch.sigmoid(logits.float())[:, 0]
 
 

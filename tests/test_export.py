@@ -56,8 +56,12 @@ def test_graph_interface_and_fp16_body(exported):
         (inp,), (outp,) = graph.input, graph.output
         assert (inp.name, inp.type.tensor_type.elem_type) == ("images", elem.UINT8)
         assert (outp.name, outp.type.tensor_type.elem_type) == ("probabilities", elem.FLOAT)
+        # batch, height and width dynamic (one graph for every canvas of the profile)
         dims = inp.type.tensor_type.shape.dim
-        assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [64, 64, 3]
+        assert [d.dim_param for d in dims[:3]] == ["batch", "height", "width"]
+        assert dims[3].dim_value == 3
+        assert [d.dim_param for d in outp.type.tensor_type.shape.dim] == ["batch", "height",
+                                                                          "width"]
     graph = onnx.load(str(out / "model.fp16.onnx")).graph
     conv_weights = {n.input[1] for n in graph.node if n.op_type == "Conv"}
     types = {i.name: i.data_type for i in graph.initializer}
@@ -117,6 +121,8 @@ def test_require_engine_fails_after_writing_onnx(tmp_path, monkeypatch):
     (["{ckpt}", "--batch", "4,2,8"], "MIN <= OPT <= MAX"),
     (["{ckpt}", "--batch", "1,x,8"], "expected MIN,OPT,MAX"),
     (["{ckpt}", "--size", "64x32"], "square"),
+    (["{ckpt}", "--size", "72"], "not a multiple of 16"),
+    (["{ckpt}", "--size", "128,64,256"], "MIN <= OPT <= MAX"),
 ])
 def test_user_mistakes_are_one_red_line(tmp_path, args, message):
     checkpoint = write_tiny_checkpoint(tmp_path / "run")
@@ -127,28 +133,32 @@ def test_user_mistakes_are_one_red_line(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) <= 2  # one message (rich may wrap it)
 
 
-def test_profile_and_size_parsing():
-    assert ex.parse_profile("1,4,16") == ex.Profile(1, 4, 16)
-    assert ex.parse_profile(" 2 , 2 , 2 ") == ex.Profile(2, 2, 2)
-    assert ex.parse_profile("8") == ex.Profile(1, 8, 8)
-    assert ex.Profile(1, 4, 16).shapes(512) == [(1, 512, 512, 3), (4, 512, 512, 3),
-                                                (16, 512, 512, 3)]
-    for bad in ("0,1,2", "4,2,8", "1,2", "a", "", "1,2,3,4", "-1,2,3"):
-        with pytest.raises(ex.ExportError):
-            ex.parse_profile(bad)
-    assert ex.parse_size(None, 512) == 512
-    assert ex.parse_size("384x384", 512) == 384 and ex.parse_size("256", 512) == 256
-    for bad in ("512x256", "big", "8x8", "0"):
-        with pytest.raises(ex.ExportError):
-            ex.parse_size(bad, 512)
+def test_dynamic_canvas_matches_pytorch_at_every_side_of_the_profile(exported):
+    """The card records parity at the profile's other canvases (default W..2W: 96 and 128 px
+    for the 64 px tiny model), and ONNX Runtime runs each of those sides like PyTorch."""
+    from retina_batch.backends.torch import load_network
+    from retina_batch.model import InferenceModel
+
+    checkpoint, out, summary, _ = exported
+    assert summary["canvas"] == {"min": 64, "opt": 64, "max": 128}
+    card = json.loads((out / "model.onnx.json").read_text())
+    assert card["export"]["shapes"] == {"batch": {"min": 1, "opt": 4, "max": 16},
+                                        "canvas": {"min": 64, "opt": 64, "max": 128}}
+    assert set(card["export"]["parity"]["canvases"]) == {"96", "128"}
+    module = InferenceModel(load_network(checkpoint)).eval()
+    for side in (64, 96, 128):
+        image = ex.synthetic_fundus(side, 5)[None]
+        got, want = ex.run_onnx(out / "model.onnx", image), ex.run_torch(module, image)
+        assert got.shape == (1, side, side)
+        assert np.abs(got - want).max() < 1e-4
 
 
-def test_engine_names_are_per_gpu_type(tmp_path):
-    platform = {"tensorrt": "11.0.0.1", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
-    engine, cache = ex.engine_names(tmp_path / "runs" / "default" / "model.pt", platform,
-                                    tmp_path / "engines")
-    assert engine.name == "default.sm90.engine"
-    assert cache.name == "timing.sm90.trt11.0.0.1.cache"
+def test_canvas_sides_checked_besides_the_working_one():
+    from retina_batch.shapes import Range
+
+    assert ex.canvas_sides(Range(512, 512, 1024), 16) == [768, 1024]
+    assert ex.canvas_sides(Range(384, 512, 1024), 16) == [384, 704, 1024]
+    assert ex.canvas_sides(Range(512, 512, 512), 16) == []
 
 
 def test_segment_with_exported_onnx_gives_the_source_masks(exported, tmp_path):

@@ -146,7 +146,7 @@ def _run_pipeline(runner, job: dict, out: Path, progress) -> dict:
 
     options = Options(out=out / "masks", metrics=out / "metrics.csv", workers=job["workers"],
                       inflight=job["inflight"], write=job["write"], overwrite=True,
-                      reduced_decode=job["reduced_decode"])
+                      reduced_decode=job["reduced_decode"], report=False)
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     summary = _TimedPipeline(runner, options, on_row).run(job["source"])
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0

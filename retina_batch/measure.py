@@ -45,6 +45,7 @@ MIN_SEGMENT_PX = 16.0
 SAMPLE_STEP = 4
 THIN_RESCUE_ABOVE = 1.0
 MIN_PIECE_PX = 16
+LOOP_CHORD_PX = 8.0
 COLUMNS = ["vessel_density", "skeleton_density", "branch_points", "end_points",
            "fractal_dimension", "calibre_median_px", "calibre_mean_px", "tortuosity"]
 
@@ -239,5 +240,8 @@ def _polyline_lengths(pts: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarr
 
 def _mean_tortuosity(segments: np.ndarray) -> float | None:
     arc, chord = segment_arcs(segments)
-    keep = (arc >= MIN_SEGMENT_PX) & (chord > 0)
+    # A segment whose ends are closer than LOOP_CHORD_PX left and re-entered the same junction:
+    # a loop (a vessel crossing itself), not a vessel segment; its arc / chord is meaningless
+    # (one such loop gave 52 and took an image's mean from 1.01 to 1.74).
+    keep = (arc >= MIN_SEGMENT_PX) & (chord >= LOOP_CHORD_PX)
     return float(np.mean(arc[keep] / chord[keep])) if keep.any() else None

@@ -28,16 +28,21 @@ import numpy as np
 from . import __version__
 from .card import write_json_atomic
 from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
+from .measure import COLUMNS as MEASURE_COLUMNS
+from .measure import measure_mask
 from .metrics import evaluate_image
 from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
+from .qc import COLUMNS as QC_COLUMNS
+from .qc import flags, image_quality
+from .report_html import read_rows, write_report
 
 METRIC_FIELDS = [
     "run_id", "path", "output", "status", "message", "width", "height", "decode_scale",
-    "fov_found", "fov_area", "vessel_fraction", "threshold",
-    "decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s",
+    "fov_found", "fov_area", "vessel_fraction", "threshold", *MEASURE_COLUMNS, *QC_COLUMNS,
+    "decode_s", "preprocess_s", "infer_s", "postprocess_s", "measure_s", "write_s",
     "truth", "dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice", "fov_auc",
 ]
-STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s")
+STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "measure_s", "write_s")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Options:
     inflight: int = 2  # batches submitted to the backend and not yet collected
     write: bool = True  # False: run every stage except writing files (benchmarks)
     reduced_decode: bool = True  # False: always decode at full size (benchmark comparisons)
+    report: bool = True  # OUT/report.html at the end (bench turns it off: not pipeline work)
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
@@ -120,6 +126,7 @@ class Pipeline:
             fov = self._fov(item, rgb)
             item.canvas, item.letterbox = letterbox(rgb, fov.box, self.backend.size,
                                                     (width, height))
+            item.row.update(image_quality(rgb, fov.mask))
             item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb
@@ -152,6 +159,10 @@ class Pipeline:
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
                        vessel_fraction=round(np.count_nonzero(mask) / max(fov_area, 1), 5))
             start = _timed(row, "postprocess_s", start)
+            stage = "measure"
+            row.update(measure_mask(mask, fov))
+            row["qc"] = flags(row, item.fov.found)
+            start = _timed(row, "measure_s", start)
             if item.truth is not None:
                 stage = "truth"
                 self._score(item, prob, fov)
@@ -374,7 +385,12 @@ class Pipeline:
                                       for k in self.scores[0]}
             summary["truth_images"] = len(self.scores)
         if self.opt.write:
+            if self.opt.report:
+                summary["outputs"]["report"] = str(self.opt.out / "report.html")
             write_json_atomic(self.opt.out / "summary.json", summary)
+            if self.opt.report:
+                write_report(self.opt.out, read_rows(metrics_path), summary,
+                             truth=self.opt.truth_dir is not None)
         return summary
 
 

@@ -14,7 +14,8 @@ peak RSS and CPU time are its own. Figures:
                         median of runs alternating with the pipeline runs
     efficiency          end_to_end / pure_inference (1.0: the host work is completely hidden)
     speedup_vs_naive    end_to_end / naive loop end_to_end
-    stage_ms            mean per-image time of decode, preprocess, infer, postprocess, write;
+    stage_ms            mean per-image time of decode, preprocess, infer, postprocess, measure,
+                        write;
                         bottleneck names the largest, host_bottleneck the largest but infer
     latency_ms          p50/p95 from the start of an image's decode to its row being recorded
     peak_rss_mb         peak RSS (VmHWM) of the configuration's process after the repeats
@@ -40,7 +41,7 @@ import numpy as np
 
 from .pipeline import STAGES, Item, Options, Pipeline, software_versions
 
-STAGE_NAMES = tuple(s[:-2] for s in STAGES)  # decode, preprocess, infer, postprocess, write
+STAGE_NAMES = tuple(s[:-2] for s in STAGES)  # decode, preprocess, ..., measure, write
 
 
 class BenchError(RuntimeError):

@@ -67,8 +67,9 @@ class _Collected:
     def add(self, row: dict) -> None:
         if row.get("status") != "ok":
             self.failed += 1
-            if len(self.failures) < MAX_LISTED:
-                self.failures.append((row.get("path", ""), row.get("message", "")))
+            if len(self.failures) < MAX_LISTED:  # a killed run's half row has Nones
+                self.failures.append((str(row.get("path") or ""),
+                                      str(row.get("message") or "")))
             return
         self.ok += 1
         self.no_fov += row.get("fov_found") in ("False", False)
@@ -137,10 +138,10 @@ def _totals(data: _Collected, summary: dict) -> str:
              f"threshold {summary.get('threshold')}, wall time "
              f"{summary.get('wall_seconds', 0):.1f} s, ended {summary.get('ended', '')}"
              + (", <b>interrupted</b>" if summary.get("interrupted") else ""))
-    return (f"<h1>retina-batch report</h1><p class=meta>{facts}</p>"
+    return (f"<section id=totals><h1>retina-batch report</h1><p class=meta>{facts}</p>"
             f"<div class=cards>{''.join(_card(k, v) for k, v in cards)}</div>"
             + (f"<table class=stages><tr><th colspan=12>mean time per image, by stage"
-               f"</th></tr><tr>{stages}</tr></table>" if stages else ""))
+               f"</th></tr><tr>{stages}</tr></table>" if stages else "") + "</section>")
 
 
 def _card(label: str, value) -> str:
@@ -159,7 +160,8 @@ def _quality(data: _Collected) -> str:
                     for c, ts in QC_PLOTS.items())
     table = (f"<table><tr><th>flag</th><th>images</th><th>share</th><th>rule</th></tr>{rows}"
              "</table>" if rows else "<p>No image was flagged.</p>")
-    return f"<h2>Quality control</h2>{table}<div class=plots>{plots}</div>"
+    return (f"<section id=quality><h2>Quality control</h2>{table}"
+            f"<div class=plots>{plots}</div></section>")
 
 
 _RULES = {"no_fov": "no dark rim found: the whole frame was used",
@@ -178,9 +180,10 @@ def _histograms(data: _Collected) -> str:
         return ""
     plots = "".join(_histogram(c, data.values[c], [THRESHOLDS[t] for t in DENSITY_LIMITS]
                                if c == "vessel_density" else []) for c in MEASURE_COLUMNS)
-    return (f"<h2>Measurements</h2><p class=meta>On the field-of-view-normalised grid (FOV "
-            f"bounding box scaled to 512 px); red lines: quality-control limits.</p>"
-            f"<div class=plots>{plots}</div>")
+    return (f"<section id=measurements><h2>Measurements</h2><p class=meta>On the "
+            f"field-of-view-normalised grid (FOV bounding box scaled to 512 px); black line: "
+            f"median; red dashed lines: quality-control limits.</p>"
+            f"<div class=plots>{plots}</div></section>")
 
 
 def _histogram(column: str, values: list, limits: list, bins: int = 24) -> str:
@@ -190,10 +193,14 @@ def _histogram(column: str, values: list, limits: list, bins: int = 24) -> str:
     if not values:
         return title + "<p class=meta>no values</p></div>"
     v = np.asarray(values, float)
-    lo, hi = float(v.min()), float(v.max())
+    # The 1st-99th percentile (and the limits): one absurd image must not squash the rest
+    # into a single bar. Values beyond are counted in the end bars and said so.
+    lo, hi = np.percentile(v, [1, 99]) if v.size >= 50 else (v.min(), v.max())
+    lo, hi = float(min([lo, *limits])), float(max([hi, *limits]))
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    outside = int(np.count_nonzero((v < lo) | (v > hi)))
+    counts, _ = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
     scale_x = (width - 2 * pad) / (hi - lo)
     top = max(int(counts.max()), 1)
     bar_w = (width - 2 * pad) / bins
@@ -209,8 +216,9 @@ def _histogram(column: str, values: list, limits: list, bins: int = 24) -> str:
             f'<text x="{width - pad}" y="{height - 3}" text-anchor="end">{_fmt(hi)}</text>')
     svg = (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="histogram of {html.escape(column)}">{bars}{lines}{axis}</svg>')
+    note = f", {outside} beyond the axis (in the end bars)" if outside else ""
     return (f"{title}{svg}<div class=meta>median {_fmt(float(np.median(v)))}, "
-            f"n = {v.size}</div></div>")
+            f"n = {v.size}{note}</div></div>")
 
 
 def _fmt(x: float) -> str:
@@ -241,17 +249,17 @@ def _unusual(data: _Collected) -> list[tuple[str, str, str]]:
 
 def _gallery(data: _Collected, out_dir: Path) -> str:
     parts = []
-    for title, items, total in (("Flagged by quality control", data.flagged,
-                                 data.flagged_count),
-                                ("Most unusual measurements (not flagged)", _unusual(data),
-                                 None)):
+    for key, title, items, total in (
+            ("flagged", "Flagged by quality control", data.flagged, data.flagged_count),
+            ("unusual", "Most unusual measurements (not flagged)", _unusual(data), None)):
         if not items:
             continue
         tiles = "".join(_tile(path, out_dir / output, caption)
                         for path, output, caption in items)
         shown = (f" <span class=meta>(showing {len(items)} of {total})</span>"
                  if total and total > len(items) else "")
-        parts.append(f"<h2>{title}{shown}</h2><div class=gallery>{tiles}</div>")
+        parts.append(f"<section id=gallery-{key}><h2>{title}{shown}</h2>"
+                     f"<div class=gallery>{tiles}</div></section>")
     return "".join(parts)
 
 
@@ -290,13 +298,14 @@ def _failures(data: _Collected) -> str:
                    for p, m in data.failures)
     more = (f"<p class=meta>{data.failed - len(data.failures)} more in metrics.csv</p>"
             if data.failed > len(data.failures) else "")
-    return (f"<h2>Failures ({data.failed})</h2><table class=failures><tr><th>file</th>"
-            f"<th>reason</th></tr>{rows}</table>{more}")
+    return (f"<section id=failures><h2>Failures ({data.failed})</h2><table class=failures>"
+            f"<tr><th>file</th><th>reason</th></tr>{rows}</table>{more}</section>")
 
 
 def _dice_table(data: _Collected) -> str:
     if not data.scored:
-        return "<h2>Scores against ground truth</h2><p>No image paired with a truth mask.</p>"
+        return ("<section id=scores><h2>Scores against ground truth</h2>"
+                "<p>No image paired with a truth mask.</p></section>")
     scored = sorted(data.scored, key=lambda r: r[1])
     means = [np.mean([r[i] for r in scored if r[i] is not None]) for i in range(1, 7)]
     head = "".join(f"<th>{s}</th>" for s in SCORES)
@@ -304,9 +313,9 @@ def _dice_table(data: _Collected) -> str:
     body = "".join("<tr><td>" + html.escape(Path(r[0]).name) + "</td>"
                    + "".join(f"<td class=num>{'-' if x is None else f'{x:.4f}'}</td>"
                              for x in r[1:]) + "</tr>" for r in scored[:MAX_LISTED])
-    return (f"<h2>Scores against ground truth ({len(scored)} images, worst Dice first)</h2>"
-            f"<table class=dice><tr><th>image</th>{head}</tr>"
-            f"<tr><td><b>mean</b></td>{mean_row}</tr>{body}</table>")
+    return (f"<section id=scores><h2>Scores against ground truth ({len(scored)} images, "
+            f"worst Dice first)</h2><table class=dice><tr><th>image</th>{head}</tr>"
+            f"<tr><td><b>mean</b></td>{mean_row}</tr>{body}</table></section>")
 
 
 _STYLE = """

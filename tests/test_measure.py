@@ -94,6 +94,18 @@ def test_fork_and_ends():
     assert (m["branch_points"], m["end_points"]) == (1, 3)
 
 
+def test_forks_three_pixels_apart_are_two_branch_points():
+    """Junctions are pixels whose ring of neighbours is crossed 3 or more times. Counting
+    3 or more neighbours instead would also take the pixels between the two forks (each
+    touches a branch diagonally) and merge them into one."""
+    m = np.zeros((GRID, GRID), np.uint8)
+    m[300, 100:400] = 1
+    m[200:300, 250] = 1
+    m[200:300, 253] = 1
+    result = measure_mask(m)
+    assert (result["branch_points"], result["end_points"]) == (2, 4)
+
+
 def test_specks_are_not_vessels():
     """Isolated dots add nothing to the skeleton measurements (they would add end points)."""
     clean = vessel(5)

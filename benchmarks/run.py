@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from retina_batch.bench import bench, contention
+from retina_batch.bench import STAGE_NAMES, bench, contention
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -144,9 +144,9 @@ def _config(r: dict) -> str:
 
 def table(record: dict) -> str:
     lines = ["| input | configuration | img/s | pure inference img/s | efficiency | x naive "
-             "| decode | preprocess | infer | postprocess | write (ms/img) | bottleneck "
-             "| host bottleneck | p50 / p95 latency ms | peak RSS MB | CPU |",
-             "|" + "---|" * 16]
+             "| decode | preprocess | infer | postprocess | measure | write (ms/img) "
+             "| bottleneck | host bottleneck | p50 / p95 latency ms | peak RSS MB | CPU |",
+             "|" + "---|" * 17]
     for s in record["sets"] + record["scaling"]:
         naive = s.get("naive")
         if naive:
@@ -161,8 +161,7 @@ def _row(name: str, config: str, r: dict) -> str:
     f = (lambda v, d=2: "-" if v is None else f"{v:.{d}f}")  # noqa: E731
     return (f"| {name} | {config} | {f(r['end_to_end_ips'])} | {f(r.get('pure_inference_ips'))}"
             f" | {f(r.get('efficiency'))} | {f(r.get('speedup_vs_naive'))} | "
-            + " | ".join(f"{st[k]:.1f}" for k in ("decode", "preprocess", "infer", "postprocess",
-                                                  "write"))
+            + " | ".join(f(st.get(k), 1) for k in STAGE_NAMES)
             + f" | {r['bottleneck']} | {r['host_bottleneck']} | {f(r['latency_ms']['p50'], 0)} / "
               f"{f(r['latency_ms']['p95'], 0)} | {r['peak_rss_mb']:.0f} | "
               f"{100 * r['cpu_utilisation']:.0f}% |")
@@ -191,7 +190,7 @@ def plot(record: dict, path: Path) -> None:
     ax1.set_ylabel("images / s")
     ax1.set_title("Throughput by configuration")
     ax1.legend(fontsize=8)
-    stages = ("decode", "preprocess", "infer", "postprocess", "write")
+    stages = STAGE_NAMES
     names, values = [], {k: [] for k in stages}
     for s in record["sets"]:
         for r in s["results"]:
@@ -200,10 +199,10 @@ def plot(record: dict, path: Path) -> None:
                 names.append(s["name"].replace("synthetic ", "syn ") +
                              ("" if r["config"]["reduced_decode"] else "\nfull decode"))
                 for k in stages:
-                    values[k].append(r["stage_ms"][k])
+                    values[k].append(r["stage_ms"].get(k) or 0.0)  # older records: no measure
     bottom = [0.0] * len(names)
-    for k, colour in zip(stages, ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974"),
-                         strict=True):
+    for k, colour in zip(stages, ("#4c72b0", "#55a868", "#c44e52", "#8172b2", "#64b5cd",
+                                  "#ccb974"), strict=True):
         ax2.barh(names, values[k], left=bottom, label=k, color=colour)
         bottom = [b + v for b, v in zip(bottom, values[k], strict=True)]
     ax2.set_xlabel(f"mean ms per image, by stage (batch {DEFAULT_BATCH}; "

@@ -14,7 +14,8 @@ peak RSS and CPU time are its own. Figures:
                         median of runs alternating with the pipeline runs
     efficiency          end_to_end / pure_inference (1.0: the host work is completely hidden)
     speedup_vs_naive    end_to_end / naive loop end_to_end
-    stage_ms            mean per-image time of decode, preprocess, infer, postprocess, write;
+    stage_ms            mean per-image time of decode, preprocess, infer, postprocess, measure,
+                        write;
                         bottleneck names the largest, host_bottleneck the largest but infer
     latency_ms          p50/p95 from the start of an image's decode to its row being recorded
     peak_rss_mb         peak RSS (VmHWM) of the configuration's process after the repeats
@@ -42,7 +43,7 @@ from .pipeline import Item, Options, Pipeline
 from .records import STAGES
 from .summary import software_versions
 
-STAGE_NAMES = tuple(s[:-2] for s in STAGES)  # decode, preprocess, infer, postprocess, write
+STAGE_NAMES = tuple(s[:-2] for s in STAGES)  # decode, preprocess, ..., measure, write
 
 
 class BenchError(RuntimeError):
@@ -148,7 +149,7 @@ def _run_pipeline(runner, job: dict, out: Path, progress) -> dict:
 
     options = Options(out=out / "masks", metrics=out / "metrics.csv", workers=job["workers"],
                       inflight=job["inflight"], write=job["write"], overwrite=True,
-                      reduced_decode=job["reduced_decode"])
+                      reduced_decode=job["reduced_decode"], report=False)
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     summary = _TimedPipeline(runner, options, on_row).run(job["source"])
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0

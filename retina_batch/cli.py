@@ -36,6 +36,7 @@ def main():
     retina-batch train DATA_DIR --out runs/x        train an Attention U-Net
     retina-batch export runs/x/model.pt --out DIR   ONNX (fp32, fp16) + TensorRT engine
     retina-batch bench                              measure throughput and stage costs
+    retina-batch measure MASKS --images DIR         vessel measurements of any masks
     """
 
 
@@ -256,6 +257,10 @@ from .cli_bench import bench, synth  # noqa: E402
 
 main.add_command(synth)
 main.add_command(bench)
+
+from .cli_measure import measure  # noqa: E402
+
+main.add_command(measure)
 
 if __name__ == "__main__":
     main()

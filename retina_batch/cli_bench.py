@@ -168,7 +168,8 @@ def print_bench(record: dict, console: Console) -> None:
              f", {machine['cores']} cores, load {load[0] if load else '?'}")
     table = Table(title=title, title_justify="left")
     for name in ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode",
-                 "prep", "infer", "post", "write", "p50 ms", "p95 ms", "peak RSS", "CPU"):
+                 "prep", "infer", "post", "measure", "write", "p50 ms", "p95 ms", "peak RSS",
+                 "CPU"):
         table.add_column(name, justify="left" if name == "configuration" else "right")
     rows = [("naive loop (batch 1)", record["naive"])] if "naive" in record else []
     rows += [(_label(r["config"]), r) for r in record["results"]]
@@ -177,7 +178,8 @@ def print_bench(record: dict, console: Console) -> None:
         table.add_row(label, f"{r['end_to_end_ips']:.2f}", _num(r.get("pure_inference_ips")),
                       _num(r.get("efficiency")), _num(r.get("speedup_vs_naive")),
                       *(_ms(stage[k], k == r["bottleneck"]) for k in
-                        ("decode", "preprocess", "infer", "postprocess", "write")),
+                        ("decode", "preprocess", "infer", "postprocess", "measure",
+                         "write")),
                       _num(r["latency_ms"]["p50"], 0), _num(r["latency_ms"]["p95"], 0),
                       f"{r['peak_rss_mb']:.0f} MB", f"{100 * r['cpu_utilisation']:.0f}%")
     console.print(table)

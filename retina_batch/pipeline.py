@@ -32,6 +32,7 @@ from .card import write_json_atomic
 from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
 from .layout import Layout, check_not_inputs, check_writable
 from .ledger import RunSettings, relative_to
+from .measure import measure_mask
 from .metrics import evaluate_image
 from .preprocess import (
     FieldOfView,
@@ -42,7 +43,9 @@ from .preprocess import (
     to_rgb8,
     unletterbox,
 )
+from .qc import flags, image_quality
 from .records import SCORE_FIELDS, refresh_view
+from .report_html import read_rows, write_report
 from .resume import Plan, open_ledger, plan_run
 from .summary import RunTally, build_summary, model_identity
 
@@ -65,6 +68,7 @@ class Options:
     reduced_decode: bool = True  # False: always decode at full size (benchmark comparisons)
     size: int | str | None = None  # canvas side or "auto" (preprocess.choose_canvas); None: the
     # model's working size
+    report: bool = True  # OUT/report.html at the end (bench turns it off: not pipeline work)
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
@@ -133,6 +137,7 @@ class Pipeline:
             canvas = choose_canvas((width, height), self.backend.size, self.policy)
             item.canvas, item.letterbox = letterbox(rgb, fov.box, canvas, (width, height))
             item.row["canvas"] = canvas
+            item.row.update(image_quality(rgb, fov.mask))
             item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb
@@ -165,6 +170,10 @@ class Pipeline:
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
                        vessel_fraction=round(np.count_nonzero(mask) / max(fov_area, 1), 5))
             start = _timed(row, "postprocess_s", start)
+            stage = "measure"
+            row.update(measure_mask(mask, fov))
+            row["qc"] = flags(row, item.fov.found)
+            start = _timed(row, "measure_s", start)
             if item.truth is not None:
                 stage = "truth"
                 self._score(item, prob, fov)
@@ -224,7 +233,12 @@ class Pipeline:
                 run_id=self.run_id, threshold=self.threshold, backend=self.backend,
                 model=model, settings=self._settings(), outputs=self._outputs(), view=view)
             if self.opt.write:
+                if self.opt.report:
+                    summary["outputs"]["report"] = str(self.layout.out / "report.html")
                 write_json_atomic(self.layout.summary_path, summary)
+                if self.opt.report:
+                    write_report(self.layout.out, read_rows(self.layout.metrics_path), summary,
+                                 truth=self.opt.truth_dir is not None)
             return summary
         finally:
             self.ledger.close()

@@ -16,12 +16,16 @@ import math
 import os
 from pathlib import Path
 
-STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s")
+from .measure import COLUMNS as MEASURE_COLUMNS
+from .qc import COLUMNS as QC_COLUMNS
+
+STAGES = ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "measure_s", "write_s")
 SCORE_FIELDS = ("dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice",
                 "fov_auc")
 METRIC_FIELDS = [
     "run_id", "path", "output", "status", "message", "width", "height", "decode_scale", "canvas",
-    "fov_found", "fov_area", "vessel_fraction", "threshold", *STAGES, "truth", *SCORE_FIELDS,
+    "fov_found", "fov_area", "vessel_fraction", "threshold", *MEASURE_COLUMNS, *QC_COLUMNS,
+    *STAGES, "truth", *SCORE_FIELDS,
 ]
 
 

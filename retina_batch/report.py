@@ -89,6 +89,8 @@ def print_summary(summary: dict, console: Console) -> None:
                   f"{folder['pending']} pending")
     table.add_row("masks", summary["outputs"]["masks"])
     table.add_row("metrics", summary["outputs"]["metrics"])
+    if summary["outputs"].get("report"):
+        table.add_row("report", summary["outputs"]["report"])
     if summary["interrupted"]:
         table.add_row("[yellow]interrupted[/yellow]", "re-run the same command to continue")
     console.print(table)

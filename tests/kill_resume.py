@@ -147,7 +147,8 @@ def check_folder(src: Path, out: Path, sizes: dict[str, tuple[int, int]]) -> lis
         if rel is not None:
             problems += check_mask(out / row["output"], sizes[rel])
     leftovers = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
-                 and (p.name.startswith(".") or p.suffix not in (".png", ".csv", ".json"))
+                 and (p.name.startswith(".")
+                      or p.suffix not in (".png", ".csv", ".json", ".html"))
                  and p.relative_to(out).as_posix() != ".retina-batch/ledger-main.sqlite"]
     if leftovers:
         problems.append(f"partial or temporary files left: {leftovers}")

@@ -69,7 +69,7 @@ def test_a_failed_batch_becomes_error_rows_and_the_run_goes_on(tmp_path, at_subm
     message = "device lost" if at_submit else "CUDA error: out of memory"
     assert all(rows[n]["message"] == f"infer: {message}" for n in failed)
     assert files_under(out) == sorted(
-        [n for n in names if n not in failed] + ["metrics.csv", "summary.json"])
+        [n for n in names if n not in failed] + ["metrics.csv", "report.html", "summary.json"])
     # The next run does the two failed images and only them.
     summary = Pipeline(RedChannelBackend(), Options(out=out, workers=1)).run(src)
     assert (summary["counts"]["ok"], summary["counts"]["skipped"]) == (2, 4)
@@ -128,7 +128,7 @@ def test_a_write_that_fails_half_way_leaves_nothing_and_is_redone(tiny_onnx, tmp
         assert not (out / "1.png").exists()
     others = [f"{i}{target.suffix}" for i in (0, 2, 3)]
     assert files_under(folders[kind]) == sorted(
-        others + (["metrics.csv", "summary.json"] if kind == "mask" else []))
+        others + (["metrics.csv", "report.html", "summary.json"] if kind == "mask" else []))
 
     monkeypatch.undo()
     result = segment_cli(tiny_onnx, src, out, *args, workers=1)
@@ -174,5 +174,5 @@ def test_symlink_loops_in_the_input_are_skipped_and_other_links_followed(tiny_on
     result = segment_cli(tiny_onnx, src, tmp_path / "out", "-q")
     assert result.exit_code == 0, result.output
     assert files_under(tmp_path / "out") == [
-        "a.png", "linked/c.png", "metrics.csv", "sub/b.png", "summary.json"]
+        "a.png", "linked/c.png", "metrics.csv", "report.html", "sub/b.png", "summary.json"]
     assert_mask(tmp_path / "out" / "linked" / "c.png", (62, 52))

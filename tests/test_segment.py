@@ -117,7 +117,7 @@ def test_every_format_and_size_gives_full_size_outputs_in_a_mirrored_tree(
     assert result.exit_code == 0, result.output
     inputs = format_zoo()
     masks = sorted(str(Path(rel).with_suffix(".png")) for rel in inputs)
-    assert files_under(out) == sorted(masks + ["metrics.csv", "summary.json"])
+    assert files_under(out) == sorted(masks + ["metrics.csv", "report.html", "summary.json"])
     assert files_under(prob) == masks
     assert files_under(over) == sorted(str(Path(r).with_suffix(".jpg")) for r in inputs)
     rows = {r["path"]: r for r in rows_of(out / "metrics.csv")}
@@ -135,7 +135,8 @@ def test_every_format_and_size_gives_full_size_outputs_in_a_mirrored_tree(
         assert int(row["fov_area"]) > 0
         assert float(row["vessel_fraction"]) == pytest.approx(
             np.count_nonzero(mask) / int(row["fov_area"]), abs=1e-4)
-        for stage in ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s"):
+        for stage in ("decode_s", "preprocess_s", "infer_s", "postprocess_s", "measure_s",
+                      "write_s"):
             assert float(row[stage]) >= 0
     assert len(rows) == len(inputs)
 
@@ -167,7 +168,7 @@ def test_summary_records_the_run(tiny_onnx, zoo, tmp_path):
     assert {"python", "numpy", "opencv", "onnxruntime"} <= set(summary["versions"])
     assert summary["started"] <= summary["ended"]
     assert set(summary["mean_stage_seconds"]) == {
-        "decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s"}
+        "decode_s", "preprocess_s", "infer_s", "postprocess_s", "measure_s", "write_s"}
 
 
 def test_python_api_returns_the_summary(tiny_onnx, tmp_path):
@@ -224,7 +225,7 @@ def test_output_folder_inside_the_input_is_not_read_back(tiny_onnx, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["counts"]["skipped"] == 1 and summary["counts"]["processed"] == 0
     assert files_under(src) == ["a.png", "masks/a.png", "masks/metrics.csv",
-                                "masks/summary.json", "prob/a.png"]
+                                "masks/report.html", "masks/summary.json", "prob/a.png"]
 
 
 # --- geometry with a backend whose output is known ---------------------------------------
@@ -396,7 +397,8 @@ def test_bad_files_are_error_rows_and_the_rest_is_done(tiny_onnx, tmp_path):
         assert row["status"] == ("error" if name in bad else "ok"), row
         if name in bad:
             assert row["message"].startswith("decode: ") and len(row["message"]) > 10
-    assert files_under(out) == ["good/a.png", "good/b.png", "metrics.csv", "summary.json"]
+    assert files_under(out) == ["good/a.png", "good/b.png", "metrics.csv", "report.html",
+                                "summary.json"]
     # One stderr line per bad file, naming it.
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed")]
     assert sorted(Path(line.split()[1].rstrip(":")).name for line in failed) == sorted(bad)

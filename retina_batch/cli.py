@@ -125,7 +125,7 @@ def _canvas_size(ctx, param, value: str) -> int | str:
               help="[model] Vessel probability threshold (default: the model card's).")
 @click.option("--size", default="auto", show_default=True, callback=_canvas_size,
               help="[model] Working canvas side in pixels, or auto: the model's own size, "
-                   "twice that for photographs of 2400 px and more (fine vessels).")
+                   "1.5x that for photographs of 2400 px and more (fine vessels).")
 @click.option("--tta", is_flag=True,
               help="[model] Average the predictions of the image and its three flips "
                    "(4x the inference cost).")

@@ -90,23 +90,30 @@ def detect_fov(rgb: np.ndarray) -> FieldOfView:
 
 
 # `--size auto`: photographs whose longer side reaches AUTO_LARGE_SIDE pixels go on a canvas
-# twice the model's working size, smaller ones on the working size itself. On a 512 canvas a
-# 3504 px photograph's finest vessels (3-5 px at full size) shrink below one canvas pixel and
-# vanish; on 1024 they keep 1-2 px, the calibre the model was trained to see. Below that side
-# the larger canvas buys nothing measurable and costs 4x (figures: train/default/README.md).
+# 1.5x the model's working size (768 for 512), smaller ones on the working size itself. Why
+# (benchmarks/canvas_sizes.py, train/default/README.md): on a 512 canvas a 3504 px photograph's
+# finest vessels (3-5 px at full size) shrink below one canvas pixel; 768 keeps them at ~1 px and
+# costs nothing measurable where we have labels (shipped model, DRIVE validation: Dice 0.795 at
+# both sizes; 22 LES-AV photographs: 0.779 at 512, 0.775 at 768), while 1024 draws the large
+# vessels thicker than training showed them (DRIVE validation 0.795 -> 0.759). Photographs
+# below 2400 px (DRIVE, LES-AV, ...) keep the working size: nothing is gained there.
 AUTO_LARGE_SIDE = 2400
+AUTO_SCALE = 1.5
 
 
 def choose_canvas(image_size: tuple[int, int], working_size: int, policy: int | str) -> int:
     """The canvas side for one photograph: `policy` is a side in pixels or "auto"."""
     if policy != "auto":
         return int(policy)
-    return 2 * working_size if max(image_size) >= AUTO_LARGE_SIDE else working_size
+    return canvas_sizes(working_size, policy)[-1] if max(image_size) >= AUTO_LARGE_SIDE \
+        else working_size
 
 
 def canvas_sizes(working_size: int, policy: int | str) -> list[int]:
     """Every canvas side `policy` can choose (what the backend and its engine must accept)."""
-    return [working_size, 2 * working_size] if policy == "auto" else [int(policy)]
+    if policy != "auto":
+        return [int(policy)]
+    return [working_size, 32 * round(AUTO_SCALE * working_size / 32)]
 
 
 @dataclass(frozen=True)

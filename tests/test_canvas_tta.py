@@ -18,9 +18,9 @@ pytest.importorskip("torch")
 
 def test_auto_doubles_the_canvas_for_large_photographs_only():
     assert choose_canvas((AUTO_LARGE_SIDE - 1, 1000), 512, "auto") == 512
-    assert choose_canvas((1000, AUTO_LARGE_SIDE), 512, "auto") == 1024
+    assert choose_canvas((1000, AUTO_LARGE_SIDE), 512, "auto") == 768
     assert choose_canvas((3504, 2336), 512, 768) == 768
-    assert canvas_sizes(512, "auto") == [512, 1024] and canvas_sizes(512, 640) == [640]
+    assert canvas_sizes(512, "auto") == [512, 768] and canvas_sizes(512, 640) == [640]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_auto_puts_each_photograph_on_its_own_canvas(checkpoint, photos, tmp_pat
     result = run([photos, "--out", out, "--backend", "torch", "--model", checkpoint])
     assert result.exit_code == 0, result.output
     canvas = {r["output"]: int(r["canvas"]) for r in rows_of(out / "metrics.csv")}
-    assert canvas == {"small.png": TINY_SIZE, "large.png": 2 * TINY_SIZE}
+    assert canvas == {"small.png": TINY_SIZE, "large.png": 96}  # 1.5 x 64
     assert read_png(out / "large.png").shape == (1600, AUTO_LARGE_SIDE)
 
 

@@ -18,6 +18,9 @@ Times are wall clock per input (what a user waits) and CPU time of this process 
 (what the work costs, less sensitive to other load on a shared machine).
 and the memory the bookkeeping adds: peak resident memory (VmHWM) during all of it minus the
 resident memory before the ledger was opened. Prints one JSON object.
+
+`--path-set` measures instead what the ledger replaced: a Python set of N Path objects with
+the same keys (the pipeline's old `outputs_seen`), as resident memory before and after.
 """
 
 from __future__ import annotations
@@ -101,11 +104,22 @@ def measure(n: int, folder: Path) -> dict:
     }
 
 
+def path_set_mb(n: int) -> float:
+    before = _status_kb("VmRSS")
+    seen = {Path(_key(i)).with_suffix(".png") for i in range(n)}
+    return round((_status_kb("VmRSS") - before) / 1024, 1) if seen else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=int, default=1_000_000)
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--path-set", action="store_true",
+                        help="only measure a set of N paths (what the ledger replaced)")
     args = parser.parse_args()
+    if args.path_set:
+        print(json.dumps({"inputs": args.inputs, "path_set_mb": path_set_mb(args.inputs)}))
+        return
     with tempfile.TemporaryDirectory(prefix="ledger-cost-") as tmp:
         result = measure(args.inputs, Path(tmp))
     result["machine"] = {"cpu": platform.processor() or platform.machine(),

@@ -242,12 +242,6 @@ class Ledger:
                                            "model": model}
         return sorted(found.values(), key=lambda s: (s["model_sha256"] or "", s["threshold"]))
 
-    def failures(self, limit: int = 100) -> Iterator[dict]:
-        for db in self._all():
-            for path, row in db.execute("SELECT path, row FROM entries WHERE status = 'error' "
-                                        "ORDER BY key LIMIT ?", (limit,)):
-                yield {"path": path, "message": json.loads(row).get("message", "")}
-
     # --- writing (this writer's file only) ----------------------------------------------------
     def begin(self, run: RunSettings) -> None:
         self.run = run

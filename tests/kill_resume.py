@@ -78,16 +78,31 @@ def masks_written(out: Path) -> int:
 
 
 def kill_at_random(proc: subprocess.Popen, out: Path, rng: random.Random,
-                   within: float) -> str:
-    """SIGKILL once the run writes masks, after a random delay in [0, within) seconds."""
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and masks_written(out) == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0, within))
+                   within: float | None = None, todo: int = 0) -> str:
+    """SIGKILL the run at a random moment once it writes masks: `within` seconds after its
+    first mask at most, or (within=None) anywhere in the first 80% of the time its `todo`
+    images should take at the rate of its first five (so the kill lands mid-run on a slow
+    or a fast machine alike)."""
+    start = masks_written(out) if out.is_dir() else 0
+    if _wait_for_masks(proc, out, start + 1) and within is None:
+        first = time.monotonic()
+        if _wait_for_masks(proc, out, start + 5):
+            per_image = (time.monotonic() - first) / 4
+            within = 0.8 * per_image * max(todo - 5, 0)
+    time.sleep(rng.uniform(0, within or 0))
     finished = proc.poll() is not None
     proc.kill()
     proc.communicate(timeout=60)
     return "finished before the kill" if finished else f"killed with {masks_written(out)} masks"
+
+
+def _wait_for_masks(proc: subprocess.Popen, out: Path, n: int, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.is_dir() and masks_written(out) >= n:
+            return True
+        time.sleep(0.005)
+    return False
 
 
 # Fault injection for deterministic kills. The pipeline imports write_atomic by name, and

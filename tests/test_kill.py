@@ -40,7 +40,7 @@ def test_kill_at_a_random_moment_then_rerun(tiny_onnx, tmp_path):
     sizes = make_inputs(src, 150)
     argv = segment_argv(tiny_onnx, src, out)
     seed = random.randrange(2**32)
-    outcome = kill_at_random(start(argv), out, random.Random(seed), within=1.0)
+    outcome = kill_at_random(start(argv), out, random.Random(seed), todo=len(sizes))
     assert outcome.startswith("killed"), (seed, outcome)
     assert 0 < masks_written(out) < len(sizes), (seed, outcome)
     finish(argv)

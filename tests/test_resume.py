@@ -111,8 +111,10 @@ def test_a_run_refused_for_a_usage_error_creates_no_folder(tiny_onnx, tmp_path):
     (tmp_path / "afile").write_text("x")
     orphan = tmp_path / "orphan.onnx"
     orphan.write_bytes(tiny_onnx.read_bytes())
+    (tmp_path / "empty").mkdir()
     out = tmp_path / "new" / "out"
     cases = {
+        "no images": (["--prob", str(tmp_path / "p")], "no images found"),
         "missing engine": (["--backend", "tensorrt", "--model", str(tmp_path / "x.engine")],
                            "model file not found"),
         "unwritable overlay": (["--overlay", str(tmp_path / "afile" / "o"),
@@ -122,13 +124,14 @@ def test_a_run_refused_for_a_usage_error_creates_no_folder(tiny_onnx, tmp_path):
         "input not found": (["--prob", str(tmp_path / "p")], "input not found"),
     }
     for name, (args, message) in cases.items():
-        source = tmp_path / "nope" if name == "input not found" else src
+        source = {"input not found": tmp_path / "nope", "no images": tmp_path / "empty"}.get(
+            name, src)
         if "--model" not in args:
             args = [*args, "--model", str(tiny_onnx)]
         result = CliRunner().invoke(main, ["segment", str(source), "--out", str(out), *args])
         refused(result, message)
         assert sorted(p.name for p in tmp_path.iterdir()) == [
-            "afile", "in", "orphan.onnx"], name
+            "afile", "empty", "in", "orphan.onnx"], name
 
 
 # --- resume is exact -----------------------------------------------------------------------

@@ -240,3 +240,4 @@ def test_train_cli_reports_unpaired_data_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["train", str(root), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert "21_training.tif" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind

@@ -111,7 +111,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
@@ -124,6 +123,7 @@ class Trainer:
                                                     cfg.seed)
             self.train_set += [load_sample(p, cfg.size, ds.name) for p in train_pairs]
             self.val_set += [load_sample(p, cfg.size, ds.name) for p in val_pairs]
+        self.out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
         self.net = AttentionUNet(UNetConfig(cfg.width, cfg.depth)).to(self.device)
         self.model = InferenceModel(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr,

@@ -250,3 +250,18 @@ def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
     count_at = cut.index(b"Exif\0\0") + 6 + 8  # IFD0's entry count, big-endian
     cut[count_at:count_at + 2] = (60).to_bytes(2, "big")
     assert jpeg_header(np.frombuffer(bytes(cut), np.uint8)) == ((40, 30), 6)
+
+
+def test_jpeg_header_walks_past_fill_bytes_standalone_markers_and_long_segments():
+    """Between segments a JPEG may hold fill bytes (0xFF runs) and markers without a length
+    (SOI, TEM, RST0-7); segments may be longer than 255 bytes. None of them hides the frame
+    size or the orientation."""
+    jpeg = exif_jpeg(6).tobytes()
+    soi, rest = jpeg[:2], jpeg[2:]
+    app1 = rest[:2 + int.from_bytes(rest[2:4], "big")]  # marker + its length's bytes
+    comment = b"\xff\xfe" + (2 + 300).to_bytes(2, "big") + b"c" * 300  # a 300-byte COM
+    odd = b"\xff\xff\xff\xd8\xff\x01\xff\xd0\xff\xd7\x00"  # fill, SOI, TEM, RST0, RST7, junk
+    walked = soi + odd + app1 + odd + comment + rest[len(app1):]
+    assert jpeg_header(np.frombuffer(walked, np.uint8)) == ((40, 30), 6)
+    # Cut before its frame header: not a size, and no exception.
+    assert jpeg_header(np.frombuffer(walked[:200], np.uint8)) is None

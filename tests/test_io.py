@@ -73,6 +73,7 @@ def test_list_images_is_the_sorted_visible_images_of_one_folder(tmp_path):
 @pytest.mark.parametrize("names", [
     ("21_manual1.gif", "21_training_mask.gif"),  # DRIVE: the vessels sort first
     ("21_mask.png", "21_vessels.png"),  # the FOV mask sorts first
+    ("21_manual1.gif", "21_manual2.gif", "21_training_mask.gif"),  # first observer wins
 ])
 def test_index_by_key_prefers_vessels_for_truth_and_masks_for_fov(tmp_path, names):
     for name in names:
@@ -239,7 +240,29 @@ def test_read_image_turns_a_jpeg_as_its_exif_says(tmp_path):
     assert read_image(path).shape == (30, 40, 3)
 
 
+def test_jpeg_header_reads_ifd0_only():
+    """The thumbnail's IFD (IFD1) may follow IFD0 with an Orientation of its own: the
+    picture's is IFD0's (here absent, so 1), whatever lies beyond IFD0's entries."""
+    o = "little"
+    make = (0x010F).to_bytes(2, o) + (2).to_bytes(2, o) + (1).to_bytes(4, o) + b"\0" * 4
+    turned = (0x0112).to_bytes(2, o) + (3).to_bytes(2, o) + (1).to_bytes(4, o) \
+        + (6).to_bytes(2, o) + b"\0\0"
+    ifd1 = 8 + 2 + 3 * 12 + 4 + 6  # aligned with IFD0's entries, as a careless walk reads them
+    tiff = (b"II" + (42).to_bytes(2, o) + (8).to_bytes(4, o) + (3).to_bytes(2, o) + make * 3
+            + ifd1.to_bytes(4, o) + b"\0" * 6 + (1).to_bytes(2, o) + turned + b"\0" * 4)
+    payload = b"Exif\0\0" + tiff
+    ok, buf = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
+    data = buf.tobytes()
+    jpeg = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+    assert jpeg_header(np.frombuffer(jpeg, np.uint8)) == ((40, 30), 1)
+
+
 def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
+    # A block whose byte-order mark is neither II nor MM is not read.
+    odd = bytearray(exif_jpeg(6).tobytes())
+    at = odd.index(b"Exif\0\0MM") + 6
+    odd[at:at + 2] = b"XX"
+    assert jpeg_header(np.frombuffer(bytes(odd), np.uint8)) == ((40, 30), 1)
     png = np.frombuffer(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, np.uint8)
     assert jpeg_header(png) is None and jpeg_size(png) is None
     # An APP1 block of another kind (XMP) holding the same bytes is not EXIF.
@@ -250,3 +273,18 @@ def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
     count_at = cut.index(b"Exif\0\0") + 6 + 8  # IFD0's entry count, big-endian
     cut[count_at:count_at + 2] = (60).to_bytes(2, "big")
     assert jpeg_header(np.frombuffer(bytes(cut), np.uint8)) == ((40, 30), 6)
+
+
+def test_jpeg_header_walks_past_fill_bytes_standalone_markers_and_long_segments():
+    """Between segments a JPEG may hold fill bytes (0xFF runs) and markers without a length
+    (SOI, TEM, RST0-7); segments may be longer than 255 bytes. None of them hides the frame
+    size or the orientation."""
+    jpeg = exif_jpeg(6).tobytes()
+    soi, rest = jpeg[:2], jpeg[2:]
+    app1 = rest[:2 + int.from_bytes(rest[2:4], "big")]  # marker + its length's bytes
+    comment = b"\xff\xfe" + (2 + 300).to_bytes(2, "big") + b"c" * 300  # a 300-byte COM
+    odd = b"\xff\xff\xff\xd8\xff\x01\xff\xd0\xff\xd7\x00"  # fill, SOI, TEM, RST0, RST7, junk
+    walked = soi + odd + app1 + odd + comment + rest[len(app1):]
+    assert jpeg_header(np.frombuffer(walked, np.uint8)) == ((40, 30), 6)
+    # Cut before its frame header: not a size, and no exception.
+    assert jpeg_header(np.frombuffer(walked[:200], np.uint8)) is None

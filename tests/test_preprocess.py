@@ -6,7 +6,14 @@ import pytest
 from tiny import fundus_like
 
 from retina_batch.io import decode, read_mask
-from retina_batch.preprocess import detect_fov, letterbox, to_rgb8, unletterbox
+from retina_batch.preprocess import (
+    Letterbox,
+    detect_fov,
+    letterbox,
+    scale_box,
+    to_rgb8,
+    unletterbox,
+)
 
 
 def test_to_rgb8_handles_every_decoded_layout():
@@ -21,14 +28,22 @@ def test_to_rgb8_handles_every_decoded_layout():
     assert np.array_equal(to_rgb8(bgr.astype(np.uint16) * 257), rgb)
     out = to_rgb8(np.full((4, 4), 0.25, np.float32))
     assert out.dtype == np.uint8 and out.shape == (4, 4, 3)
-    with pytest.raises(ValueError):
+    # Any other range (float TIFFs) is stretched to 0-255.
+    assert to_rgb8(np.array([[0.2, 0.45, 0.7]], np.float32))[0, :, 0].tolist() == [0, 127, 255]
+    assert to_rgb8(np.full((1, 1), 90, np.uint8)).tolist() == [[[90, 90, 90]]]
+    with pytest.raises(ValueError, match="unsupported channel count 2"):
         to_rgb8(np.zeros((4, 4, 2), np.uint8))
+    for empty in (None, np.zeros((0, 5, 3), np.uint8)):
+        with pytest.raises(ValueError, match="empty image"):
+            to_rgb8(empty)
 
 
 def test_to_rgb8_keeps_12_bit_photographs_visible():
     bgr = fundus_like(40, 30)
     twelve_bit = bgr.astype(np.uint16) << 4  # 12 significant bits in a 16-bit file
     assert np.array_equal(to_rgb8(twelve_bit), bgr[:, :, ::-1])
+    # 8 significant bits in a 16-bit file: the 8-bit picture, not one half as bright.
+    assert np.array_equal(to_rgb8(bgr.astype(np.uint16)), bgr[:, :, ::-1])
     assert detect_fov(to_rgb8(twelve_bit)).found
 
 
@@ -45,6 +60,18 @@ def test_detect_fov_on_a_synthetic_disc(width, height):
     assert abs((x1 - x0) - 2 * radius) <= 6
 
 
+def test_bright_text_in_a_corner_is_not_the_fov():
+    """Cameras print the date or the eye in a corner, in white: a smaller bright region
+    found before the retina (top-left first) must not be taken for it."""
+    img = fundus_like(400, 300)[:, :, ::-1].copy()
+    img[5:40, 5:60] = 255  # a label, above and left of the disc
+    fov = detect_fov(img)
+    assert fov.found
+    x0, y0, x1, y1 = fov.box
+    assert abs((x0 + x1) / 2 - 200) <= 3 and abs((y0 + y1) / 2 - 150) <= 3
+    assert not fov.mask[5:40, 5:60].any()
+
+
 @pytest.mark.parametrize("image", [
     np.full((50, 70, 3), 128, np.uint8),  # no dark rim: not a fundus photograph
     np.zeros((50, 70, 3), np.uint8),  # black
@@ -52,7 +79,7 @@ def test_detect_fov_on_a_synthetic_disc(width, height):
 ])
 def test_detect_fov_falls_back_to_the_whole_frame(image):
     fov = detect_fov(image)
-    assert not fov.found
+    assert fov.found is False
     assert fov.box == (0, 0, image.shape[1], image.shape[0])
     assert fov.area == image.shape[0] * image.shape[1]
 
@@ -70,7 +97,7 @@ def test_letterbox_round_trip_lands_on_the_original_pixels(width, height):
     assert max(px1 - px0, py1 - py0) == 64  # the longer side fills the canvas
     assert not canvas[:py0].any() and not canvas[py1:].any()  # black bars outside
     back = unletterbox(canvas[:, :, 0].astype(np.float32), lb)
-    assert back.shape == (height, width)
+    assert back.shape == (height, width) and back.dtype == np.float32
     x0, y0, x1, y1 = box
     assert not back[:y0].any() and not back[:, :x0].any() and not back[:, x1:].any()
     if min(x1 - x0, y1 - y0) >= 40:  # enough pixels for the resampling to be faithful
@@ -78,6 +105,31 @@ def test_letterbox_round_trip_lands_on_the_original_pixels(width, height):
         # Resampling a smooth field twice costs at most half a grey level (measured 0.21-0.49);
         # reading the canvas one row or column off costs 0.75-11.
         assert np.median(err) < 0.6
+
+
+@pytest.mark.parametrize("crop, placed", [
+    ((300, 200), (0, 10, 64, 53)),  # 200 x 64 / 300 = 42.7 -> 43 rows, (64 - 43) // 2 above
+    ((90, 700), (28, 0, 36, 64)),  # 90 x 64 / 700 = 8.2 -> 8 columns
+    ((1000, 5), (0, 31, 64, 32)),  # 0.3 rows -> at least one
+    ((5, 1000), (31, 0, 32, 64)),
+])
+def test_letterbox_keeps_the_aspect_ratio_and_centres_the_crop(crop, placed):
+    w, h = crop
+    img = np.full((h + 7, w + 3, 3), 200, np.uint8)
+    canvas, lb = letterbox(img, (3, 7, w + 3, h + 7), 64)
+    assert lb.placed == placed and lb.box == (3, 7, w + 3, h + 7)
+    assert canvas.dtype == np.uint8  # the backends take uint8 canvases
+    px0, py0, px1, py1 = placed
+    assert canvas[py0:py1, px0:px1].min() == 200
+    assert canvas.sum() == 200 * 3 * (px1 - px0) * (py1 - py0)  # black elsewhere
+
+
+def test_scale_box_and_an_empty_box():
+    # From a 1/8 decode (3500 / 438 = 7.99) to original pixels: floor the start, ceil the end.
+    assert scale_box((0, 3, 10, 292), 3500 / 438, 2333 / 292, (3500, 2333)) == (0, 23, 80, 2333)
+    empty = Letterbox((5, 5, 5, 9), (0, 0, 64, 64), 64, (20, 10))
+    back = unletterbox(np.ones((64, 64), np.float32), empty)
+    assert back.shape == (10, 20) and not back.any()
 
 
 @pytest.mark.parametrize("width, height", [(301, 203), (90, 700), (700, 90), (280, 280)])

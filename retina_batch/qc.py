@@ -48,7 +48,7 @@ THRESHOLDS = {
 def image_quality(rgb: np.ndarray, fov: np.ndarray) -> dict:
     """qc_brightness, qc_contrast, qc_sharpness of an RGB uint8 photograph whose field of view
     is `fov` (any size; resized to the photograph's). None where the FOV has no inside."""
-    fov = np.asarray(fov).astype(np.uint8)
+    fov = (np.asarray(fov) > 0).astype(np.uint8)
     if fov.shape != rgb.shape[:2]:
         fov = cv2.resize(fov, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
     x, y, w, h = cv2.boundingRect(fov)

@@ -104,8 +104,12 @@ def measure_grid(vessels: np.ndarray, fov: np.ndarray) -> dict:
     from skimage.morphology import skeletonize
 
     fov_area = max(int(np.count_nonzero(fov)), 1)
-    # A background border: every skeleton pixel then has its 8 neighbours inside the array.
-    vessels = np.pad(vessels, 1)
+    vessel_area = int(np.count_nonzero(vessels))
+    fd = fractal_dimension(vessels)  # on the whole grid: its boxes are the grid's
+    # The skeleton work on the vessels' bounding box only, with a background border: every
+    # skeleton pixel then has its 8 neighbours inside the array.
+    x, y, w, h = cv2.boundingRect(vessels.view(np.uint8))
+    vessels = np.pad(vessels[y:y + h, x:x + w], 1)
     skeleton = skeletonize(vessels).view(np.uint8)
     ys, xs = _without_specks(skeleton)
     codes = (_ring(skeleton, ys, xs) << np.arange(8, dtype=np.uint8)).sum(1)
@@ -119,11 +123,11 @@ def measure_grid(vessels: np.ndarray, fov: np.ndarray) -> dict:
     segments[ys[away], xs[away]] = 1
     calibres = _calibres(vessels, skeleton, ys[away], xs[away])
     return {
-        "vessel_density": round(float(np.count_nonzero(vessels)) / fov_area, 5),
+        "vessel_density": round(vessel_area / fov_area, 5),
         "skeleton_density": round(float(_LENGTH[codes].sum()) / fov_area, 6),
         "branch_points": cv2.connectedComponents(junctions, connectivity=8)[0] - 1,
         "end_points": int(np.count_nonzero(crossings == 1)),
-        "fractal_dimension": _rounded(fractal_dimension(vessels), 4),
+        "fractal_dimension": _rounded(fd, 4),
         "calibre_median_px": _rounded(np.median(calibres) if calibres.size else None, 3),
         "calibre_mean_px": _rounded(calibres.mean() if calibres.size else None, 3),
         "tortuosity": _rounded(_mean_tortuosity(segments), 4),

@@ -7,6 +7,7 @@ import sys
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, err, fail
@@ -34,13 +35,18 @@ def measure(masks, fov_dir, images_dir, csv_path, as_json):
     Field of view: --fov masks, else detected on --images photographs, else the whole image.
     Exit status: 0 all measured, 1 some masks could not be measured, 2 usage error.
     """
-    from .io import InputError
+    from .io import InputError, count_images
     from .measure_files import measure_folder, write_csv
 
     if fov_dir and images_dir:
         fail("give --fov (FOV masks) or --images (detect the FOV), not both")
+    progress = Progress(TextColumn("[bold]measure"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=err, transient=True, disable=as_json)
     try:
-        result = measure_folder(masks, fov_dir=fov_dir, images_dir=images_dir)
+        task = progress.add_task("measure", total=count_images(masks))
+        with progress:
+            result = measure_folder(masks, fov_dir=fov_dir, images_dir=images_dir,
+                                    on_row=lambda row: progress.advance(task))
     except InputError as e:
         fail(str(e))
     except KeyboardInterrupt:

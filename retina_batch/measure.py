@@ -4,7 +4,10 @@ The grid: the FOV's bounding box is cropped and scaled so its longer side is GRI
 exactly as `segment` letterboxes photographs onto the model's canvas (preprocess.letterbox), so
 a calibre of 6 px means the same fraction of the FOV whatever the camera's resolution and
 whatever model produced the mask. Masks are resampled by pixel area (INTER_AREA) and
-re-thresholded at one half, so a mask already at grid size is measured as it is.
+re-thresholded at one half, so a mask already at grid size is measured as it is. Shrinking a
+mask would break its thinnest vessels where they fall between two grid pixels (each then less
+than half covered), so the centre line of the pixels at least a quarter covered is added: the
+manual mask of DRIVE photograph 21, shrunk by 6%, fell into 108 pieces instead of 15 without it.
 
 Columns (all on the grid; None where undefined, e.g. an empty mask):
 
@@ -27,7 +30,10 @@ Columns (all on the grid; None where undefined, e.g. an empty mask):
                        MIN_SEGMENT_PX = 16 px of arc) of arc length / chord length; the arc is
                        the polyline through every SAMPLE_STEP-th pixel of the traced segment
                        (pixel-by-pixel steps would make a straight line at 22.5 degrees 8%
-                       longer than it is)
+                       longer than it is); loops (ends closer than LOOP_CHORD_PX) are left out
+
+Centre-line pieces of fewer than MIN_PIECE_PX pixels (specks) are left out of every skeleton
+column; vessel_density and fractal_dimension count every vessel pixel.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ GRID = 512
 FRACTAL_BOXES = (2, 4, 8, 16, 32, 64)
 MIN_SEGMENT_PX = 16.0
 SAMPLE_STEP = 4
-THIN_RESCUE_ABOVE = 1.0
 MIN_PIECE_PX = 16
 LOOP_CHORD_PX = 8.0
 COLUMNS = ["vessel_density", "skeleton_density", "branch_points", "end_points",
@@ -67,8 +72,8 @@ del N, NE, E, SE, S, SW, W, NW
 def to_grid(mask: np.ndarray, fov: np.ndarray, size: int = GRID) -> tuple[np.ndarray, np.ndarray]:
     """(vessels, fov) as bool size x size: the FOV's bounding box letterboxed like segment's
     canvas, vessels outside the FOV dropped. Raises ValueError for an empty FOV."""
-    fov = np.asarray(fov).astype(np.uint8)
-    mask = np.asarray(mask).astype(np.uint8)
+    fov = (np.asarray(fov) > 0).astype(np.uint8)
+    mask = (np.asarray(mask) > 0).astype(np.uint8)
     if fov.shape != mask.shape:
         fov = cv2.resize(fov, (mask.shape[1], mask.shape[0]), interpolation=cv2.INTER_NEAREST)
     x, y, w, h = cv2.boundingRect(fov)
@@ -78,7 +83,7 @@ def to_grid(mask: np.ndarray, fov: np.ndarray, size: int = GRID) -> tuple[np.nda
     fov_grid = letterbox(fov * 255, box, size)[0] >= 128
     coverage = letterbox(mask * 255, box, size)[0]
     vessels = coverage >= 128
-    if max(w, h) > size * THIN_RESCUE_ABOVE:
+    if max(w, h) > size:  # shrunk: keep the thinnest vessels connected (module docstring)
         from skimage.morphology import skeletonize
 
         vessels |= skeletonize(coverage >= 64)
@@ -99,8 +104,12 @@ def measure_grid(vessels: np.ndarray, fov: np.ndarray) -> dict:
     from skimage.morphology import skeletonize
 
     fov_area = max(int(np.count_nonzero(fov)), 1)
-    # A background border: every skeleton pixel then has its 8 neighbours inside the array.
-    vessels = np.pad(vessels, 1)
+    vessel_area = int(np.count_nonzero(vessels))
+    fd = fractal_dimension(vessels)  # on the whole grid: its boxes are the grid's
+    # The skeleton work on the vessels' bounding box only, with a background border: every
+    # skeleton pixel then has its 8 neighbours inside the array.
+    x, y, w, h = cv2.boundingRect(vessels.view(np.uint8))
+    vessels = np.pad(vessels[y:y + h, x:x + w], 1)
     skeleton = skeletonize(vessels).view(np.uint8)
     ys, xs = _without_specks(skeleton)
     codes = (_ring(skeleton, ys, xs) << np.arange(8, dtype=np.uint8)).sum(1)
@@ -114,11 +123,11 @@ def measure_grid(vessels: np.ndarray, fov: np.ndarray) -> dict:
     segments[ys[away], xs[away]] = 1
     calibres = _calibres(vessels, skeleton, ys[away], xs[away])
     return {
-        "vessel_density": round(float(np.count_nonzero(vessels)) / fov_area, 5),
+        "vessel_density": round(vessel_area / fov_area, 5),
         "skeleton_density": round(float(_LENGTH[codes].sum()) / fov_area, 6),
         "branch_points": cv2.connectedComponents(junctions, connectivity=8)[0] - 1,
         "end_points": int(np.count_nonzero(crossings == 1)),
-        "fractal_dimension": _rounded(fractal_dimension(vessels), 4),
+        "fractal_dimension": _rounded(fd, 4),
         "calibre_median_px": _rounded(np.median(calibres) if calibres.size else None, 3),
         "calibre_mean_px": _rounded(calibres.mean() if calibres.size else None, 3),
         "tortuosity": _rounded(_mean_tortuosity(segments), 4),

@@ -241,3 +241,28 @@ def test_measure_cli_missing_fov_pair_is_an_error_row(tmp_path):
     result = CliRunner().invoke(main, ["measure", str(tmp_path / "masks"), "--fov",
                                        str(tmp_path / "fov")])
     assert result.exit_code == 1 and "no field-of-view mask pairs" in result.output
+
+
+def test_segment_rows_carry_the_measurements_of_their_masks(tiny_onnx, tmp_path):
+    """segment's metrics columns are `measure` of the masks it wrote, with the FOV detected on
+    the photographs: one definition, whichever way the numbers are produced."""
+    from tiny import fundus_like
+
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for i, size in enumerate(((300, 200), (640, 480), (512, 512))):
+        cv2.imwrite(str(images / f"p{i}.png"), fundus_like(*size, seed=i))
+    result = CliRunner().invoke(main, ["segment", str(images), "--out", str(out), "--model",
+                                       str(tiny_onnx), "-q"])
+    assert result.exit_code == 0, result.output
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    result = CliRunner().invoke(main, ["measure", str(out), "--images", str(images), "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(result.stdout)["rows"]
+    assert len(measured) == 3
+    for m in measured:
+        row = rows[m["path"]]
+        assert m["fov"] == "detected" and row["qc"]
+        for column in COLUMNS:
+            expected = "" if m[column] is None else m[column]
+            assert row[column] == str(expected), (m["path"], column)

@@ -128,6 +128,7 @@ def test_gallery_shows_flagged_and_unusual_images_with_previews(tmp_path):
     assert "blurred, vessel_density_low" in flagged
     unusual = section(page, "gallery-unusual")
     assert [alt for _, alt in images_in(unusual)] == ["p7.png"]
+    assert unusual.count("<figure>") == 1  # the others are within 2 robust z of the median
     assert "calibre_median_px 9" in unusual
     assert "bad.png" in section(page, "failures")
     assert "3.50" in section(page, "totals")

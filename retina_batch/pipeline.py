@@ -27,9 +27,18 @@ import numpy as np
 
 from . import __version__
 from .card import write_json_atomic
-from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
+from .io import (
+    decode,
+    discover,
+    encode,
+    encode_mask,
+    index_by_key,
+    pair_key,
+    read_mask,
+    write_atomic,
+)
 from .metrics import evaluate_image
-from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
+from .preprocess import FieldOfView, detect_fov, letterbox, threshold_in_fov, to_rgb8
 
 METRIC_FIELDS = [
     "run_id", "path", "output", "status", "message", "width", "height", "decode_scale",
@@ -142,15 +151,11 @@ class Pipeline:
         """Back to the original size, threshold, FOV, write, score. Never raises."""
         row, start, stage = item.row, time.perf_counter(), "postprocess"
         try:
-            width, height = row["width"], row["height"]
-            prob = unletterbox(canvas_prob, item.letterbox)
-            fov = item.fov.mask if item.fov.mask.shape == (height, width) else cv2.resize(
-                item.fov.mask, (width, height), interpolation=cv2.INTER_NEAREST)
-            prob *= fov
-            mask = prob >= self.threshold
-            fov_area = int(np.count_nonzero(fov))
+            done = threshold_in_fov(canvas_prob, item.letterbox, item.fov.mask, self.threshold,
+                                    keep_prob=bool(self.opt.prob_dir or item.truth))
+            prob, mask, fov, fov_area = done.prob, done.mask, done.fov, done.fov_area
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
-                       vessel_fraction=round(np.count_nonzero(mask) / max(fov_area, 1), 5))
+                       vessel_fraction=round(done.vessel_pixels / max(fov_area, 1), 5))
             start = _timed(row, "postprocess_s", start)
             if item.truth is not None:
                 stage = "truth"
@@ -185,7 +190,7 @@ class Pipeline:
             write_atomic(self.opt.overlay_dir / item.rel.with_suffix(".jpg"),
                          encode(".jpg", overlay(item.image, mask), [cv2.IMWRITE_JPEG_QUALITY, 85]))
         # The mask last: its existence is what marks the image done for a resumed run.
-        write_atomic(self.opt.out / name, encode(".png", mask.astype(np.uint8) * 255))
+        write_atomic(self.opt.out / name, encode_mask(mask))
 
     # --- the main thread: windows between the stages ----------------------------------
     def run(self, source) -> dict:

@@ -20,6 +20,10 @@ peak RSS and CPU time are its own. Figures:
     latency_ms          p50/p95 from the start of an image's decode to its row being recorded
     peak_rss_mb         peak RSS (VmHWM) of the configuration's process after the repeats
     cpu_utilisation     process CPU seconds / (wall seconds x cores), over the pipeline repeats
+    host_ms_per_image   process CPU milliseconds per image (every thread), median of the
+                        repeats: with `--backend none` (zero maps, no inference) it is what the
+                        host costs per image, so cores x 1000 / host_ms_per_image is the image
+                        rate those host cores can feed a GPU
 """
 
 from __future__ import annotations
@@ -160,6 +164,7 @@ def _run_pipeline(runner, job: dict, out: Path, progress) -> dict:
             "stage_ms": rows.stage_ms(), "latencies": latencies,
             "vessel_fraction": rows.vessel_fraction(),
             "cpu_seconds": round(cpu, 3), "cpu_utilisation": round(cpu / wall / _cores(), 3),
+            "cpu_ms_per_image": round(1000 * cpu / ok, 3) if ok else None,
             "settings": summary["settings"]}
 
 
@@ -199,7 +204,8 @@ def _run_naive(runner, job: dict, out: Path, progress) -> dict:
             "images_per_second": round(rows.ok / wall, 3) if wall > 0 else None,
             "stage_ms": rows.stage_ms(), "latencies": latencies,
             "vessel_fraction": rows.vessel_fraction(),
-            "cpu_seconds": round(cpu, 3), "cpu_utilisation": round(cpu / wall / _cores(), 3)}
+            "cpu_seconds": round(cpu, 3), "cpu_utilisation": round(cpu / wall / _cores(), 3),
+            "cpu_ms_per_image": round(1000 * cpu / rows.ok, 3) if rows.ok else None}
 
 
 def _pure_batches(runner, job: dict) -> list[np.ndarray]:
@@ -359,6 +365,7 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
         "peak_rss_mb": raw["peak_rss_mb"],
         "rss_after_model_load_mb": raw["rss_after_model_load_mb"],
         "cpu_utilisation": round(statistics.fmean(r["cpu_utilisation"] for r in runs), 3),
+        "host_ms_per_image": _median_or_none([r["cpu_ms_per_image"] for r in runs]),
         "vessel_fraction": runs[0]["vessel_fraction"],
     }
     if config is not None:
@@ -371,6 +378,11 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
                   "efficiency": round(ips / pure, 3) if pure else None,
                   "speedup_vs_naive": round(ips / naive_ips, 3) if naive_ips else None}
     return result
+
+
+def _median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def _input_info(source: Path) -> dict:

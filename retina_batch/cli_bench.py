@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_common import EXIT_INTERRUPTED, err, fail, model_options
+from .cli_common import EXIT_INTERRUPTED, bench_model_options, err, fail
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -86,7 +86,7 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               help="[input] Size of the synthetic photographs, WIDTHxHEIGHT.")
 @click.option("--format", "fmt", default="jpg", show_default=True,
               type=click.Choice(["jpg", "png"]), help="[input] Synthetic file format.")
-@model_options
+@bench_model_options
 @click.option("--batch-size", "batch_sizes", default="2", show_default=True,
               help="[matrix] Batch sizes to measure, comma-separated (e.g. 1,2,4,8).")
 @click.option("--workers", default="0", show_default=True,
@@ -168,8 +168,8 @@ def print_bench(record: dict, console: Console) -> None:
              f", {machine['cores']} cores, load {load[0] if load else '?'}")
     table = Table(title=title, title_justify="left")
     for name in ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode",
-                 "prep", "infer", "post", "measure", "write", "p50 ms", "p95 ms", "peak RSS",
-                 "CPU"):
+                 "prep", "infer", "post", "measure", "write", "host ms", "p50 ms", "p95 ms",
+                 "peak RSS", "CPU"):
         table.add_column(name, justify="left" if name == "configuration" else "right")
     rows = [("naive loop (batch 1)", record["naive"])] if "naive" in record else []
     rows += [(_label(r["config"]), r) for r in record["results"]]
@@ -180,11 +180,13 @@ def print_bench(record: dict, console: Console) -> None:
                       *(_ms(stage[k], k == r["bottleneck"]) for k in
                         ("decode", "preprocess", "infer", "postprocess", "measure",
                          "write")),
-                      _num(r["latency_ms"]["p50"], 0), _num(r["latency_ms"]["p95"], 0),
+                      _num(r.get("host_ms_per_image")), _num(r["latency_ms"]["p50"], 0),
+                      _num(r["latency_ms"]["p95"], 0),
                       f"{r['peak_rss_mb']:.0f} MB", f"{100 * r['cpu_utilisation']:.0f}%")
     console.print(table)
     backend = record.get("backend", {})
-    console.print(f"stage columns: mean ms per image (bold: largest); backend "
+    console.print(f"stage columns: mean ms per image (bold: largest); host ms: process CPU ms "
+                  f"per image; backend "
                   f"{backend.get('runtime', backend.get('backend'))}, model "
                   f"{backend.get('model')}", highlight=False)
     if record["contention_before"]["training_processes"]:

@@ -28,11 +28,11 @@ def fail(message: str, status: int = EXIT_USAGE):
 BACKENDS = ["auto", "onnxruntime", "tensorrt", "torch"]
 
 
-def model_options(command):
+def model_options(command, backends=tuple(BACKENDS), backend_help="[model] Runtime."):
     """--backend, --model, --device: which runtime runs which weights where."""
     for option in reversed([
         click.option("--backend", default="onnxruntime", show_default=True,
-                     type=click.Choice(BACKENDS), help="[model] Runtime."),
+                     type=click.Choice(list(backends)), help=backend_help),
         click.option("--model", type=click.Path(dir_okay=False),
                      help="[model] .onnx, .engine or .pt with its .json card "
                           "(default: shipped model)."),
@@ -41,3 +41,10 @@ def model_options(command):
     ]):
         command = option(command)
     return command
+
+
+def bench_model_options(command):
+    """model_options plus `--backend none` (no inference: measures the host's own cost)."""
+    return model_options(command, (*BACKENDS, "none"),
+                         "[model] Runtime; none = no inference (zero maps), to measure the "
+                         "host's cost per image (host_ms_per_image).")

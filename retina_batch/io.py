@@ -336,3 +336,16 @@ def encode(ext: str, image: np.ndarray, params: list[int] | None = None) -> byte
     if not ok:
         raise ValueError(f"could not encode {ext}")
     return buf.tobytes()
+
+
+# Binary masks as 1-bit greyscale PNG (RLE, fastest zlib level): OpenCV and libpng-based readers
+# expand it to 0/255 8-bit, PIL opens it as mode "1". Encoding cost per mask, process CPU on this
+# machine (benchmarks/README.md, host cost): 512x512 ~0.5 ms against ~0.8 ms for the 8-bit PNG
+# written before, 3504x2336 ~9 ms against ~19 ms; files are also smaller.
+MASK_PNG_PARAMS = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1,
+                   cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A 2-D mask (any nonzero value is vessel) as a 1-bit PNG."""
+    return encode(".png", mask.astype(np.uint8, copy=False), MASK_PNG_PARAMS)

@@ -29,7 +29,16 @@ import numpy as np
 
 from .backends.tta import FlipTTA
 from .card import write_json_atomic
-from .io import decode, discover, encode, index_by_key, pair_key, read_mask, write_atomic
+from .io import (
+    decode,
+    discover,
+    encode,
+    encode_mask,
+    index_by_key,
+    pair_key,
+    read_mask,
+    write_atomic,
+)
 from .layout import Layout, check_not_inputs, check_writable
 from .ledger import RunSettings, relative_to
 from .measure import measure_mask
@@ -40,8 +49,8 @@ from .preprocess import (
     choose_canvas,
     detect_fov,
     letterbox,
+    threshold_in_fov,
     to_rgb8,
-    unletterbox,
 )
 from .qc import flags, image_quality
 from .records import SCORE_FIELDS, refresh_view
@@ -160,15 +169,11 @@ class Pipeline:
         """Back to the original size, threshold, FOV, write, score. Never raises."""
         row, start, stage = item.row, time.perf_counter(), "postprocess"
         try:
-            width, height = row["width"], row["height"]
-            prob = unletterbox(canvas_prob, item.letterbox)
-            fov = item.fov.mask if item.fov.mask.shape == (height, width) else cv2.resize(
-                item.fov.mask, (width, height), interpolation=cv2.INTER_NEAREST)
-            prob *= fov
-            mask = prob >= self.threshold
-            fov_area = int(np.count_nonzero(fov))
+            done = threshold_in_fov(canvas_prob, item.letterbox, item.fov.mask, self.threshold,
+                                    keep_prob=bool(self.opt.prob_dir or item.truth))
+            prob, mask, fov, fov_area = done.prob, done.mask, done.fov, done.fov_area
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
-                       vessel_fraction=round(np.count_nonzero(mask) / max(fov_area, 1), 5))
+                       vessel_fraction=round(done.vessel_pixels / max(fov_area, 1), 5))
             start = _timed(row, "postprocess_s", start)
             stage = "measure"
             row.update(measure_mask(mask, fov))
@@ -206,7 +211,7 @@ class Pipeline:
         if "overlay" in paths:
             self._write_file(item, "overlay", encode(
                 ".jpg", overlay(item.image, mask), [cv2.IMWRITE_JPEG_QUALITY, 85]))
-        self._write_file(item, "mask", encode(".png", mask.astype(np.uint8) * 255))
+        self._write_file(item, "mask", encode_mask(mask))
 
     def _write_file(self, item: Item, kind: str, data: bytes) -> None:
         path = self.layout.outputs(item.rel)[kind]

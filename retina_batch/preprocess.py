@@ -4,6 +4,12 @@ Every photograph is cropped to its field of view (FOV) and scaled so the FOV fil
 canvas. Vessel calibres in pixels then depend on the FOV size, not on the camera's sensor size,
 which is what lets a model trained on DRIVE (565 px FOV) work on 3504x2336 photographs. Training
 and inference use these same functions, so the model always sees the geometry it was trained on.
+
+The *decisions* (FOV from a thumbnail, `plan_letterbox`: crop, scale, placement) are made here
+for every path; the pixel work that applies them has two implementations with the same names:
+this module (OpenCV, host memory) and preprocess_gpu.py (PyTorch, on any device). The host's
+cost per image matters as much as the model's behind a GPU, so the per-pixel steps here avoid
+full-size float maps where a uint8 one carries the same answer (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import cv2
 import numpy as np
 
 # FOV detection works on a thumbnail: the rim is large and smooth, full resolution buys nothing.
-_FOV_THUMB = 256
+FOV_THUMB = 256
 # A FOV covering (almost) the whole frame means there is no dark rim: probably not a fundus photo.
 _FOV_MAX_FRACTION = 0.97
 _FOV_MIN_FRACTION = 0.10
@@ -47,46 +53,110 @@ def to_rgb8(img: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FieldOfView:
-    mask: np.ndarray  # uint8 0/1 at the image's size
+    mask: np.ndarray | None  # uint8 0/1 at the image's size (None: only `small` was made)
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) of the FOV in the image
     found: bool  # False: no dark rim found, the whole frame is used
+    small: np.ndarray | None = None  # the mask at thumbnail size (what a GPU path uploads)
 
     @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
 
-def detect_fov(rgb: np.ndarray) -> FieldOfView:
-    """The bright, convex region of a fundus photograph, found on a thumbnail.
+def fov_thumbnail(rgb: np.ndarray) -> np.ndarray:
+    """The brightest channel of a <= 256 px thumbnail: all that FOV detection looks at (the rim
+    is large and smooth, full resolution buys nothing)."""
+    h, w = rgb.shape[:2]
+    scale = FOV_THUMB / max(h, w)
+    thumb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
+                       interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+    # Channel by channel: numpy's max(axis=2) over a 3-wide axis is ~10x slower.
+    return np.maximum(np.maximum(thumb[:, :, 0], thumb[:, :, 1]), thumb[:, :, 2])
+
+
+def percentile_u8(values: np.ndarray, q: float) -> float:
+    """np.percentile(values, q) of a uint8 array, bit for bit (numpy's default 'linear' method,
+    its own index and interpolation formulas), from a 256-bin histogram instead of a sort."""
+    cumulative = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    n = int(cumulative[-1])
+    quantile = np.true_divide(q, 100)
+    index = (n - 1) * quantile
+    below = np.floor(index)
+    gamma = index - below
+    lo = int(min(max(below, 0), n - 1))
+    a = np.float64(np.searchsorted(cumulative, lo, side="right"))
+    b = np.float64(np.searchsorted(cumulative, min(lo + 1, n - 1), side="right"))
+    diff = b - a
+    return float(b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma)
+
+
+def _nearest_span(present: np.ndarray, length: int) -> tuple[int, int]:
+    """First and last+1 index of `present` (a 0/1 row) after an INTER_NEAREST resize to
+    `length`: the bounding box of the full-size mask, from the thumbnail (OpenCV's nearest
+    neighbour maps each axis independently, so a 1-row resize gives the same columns)."""
+    row = cv2.resize(present.astype(np.uint8)[None], (length, 1),
+                     interpolation=cv2.INTER_NEAREST)[0]
+    hits = np.flatnonzero(row)
+    return int(hits[0]), int(hits[-1]) + 1
+
+
+def _largest_component_outline(binary: np.ndarray) -> np.ndarray | None:
+    """Outer-boundary points of the largest 8-connected component (by pixel count), or None.
+
+    Usually the thresholded thumbnail is one component: findContours' two-level hierarchy
+    (RETR_CCOMP) has one top-level contour per 8-connected component, so one top-level
+    contour settles it without labelling every pixel (connectedComponentsWithStats is ~5x
+    slower); several fall back to counting pixels per component."""
+    contours, hierarchy = cv2.findContours(binary, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    outer = [c for c, link in zip(contours, hierarchy[0] if contours else [], strict=True)
+             if link[3] < 0]
+    if len(outer) > 1:
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        outer, _ = cv2.findContours((labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                    cv2.CHAIN_APPROX_SIMPLE)
+    return np.concatenate(outer) if outer else None
+
+
+def fov_from_thumbnail(bright: np.ndarray, size: tuple[int, int],
+                       full_mask: bool = True) -> FieldOfView:
+    """The field of view of an image of `size` (width, height) from its fov_thumbnail.
 
     The rim outside the FOV is near black in every camera we know of; the brightest channel
     separates it from even the darkest retina. The FOV is convex, so the convex hull of the
     largest bright component fills vessels and dark lesions that thresholding would punch out.
+    `full_mask=False` skips the image-size mask (a GPU path makes it on the device from
+    `small`); the box is the same either way.
     """
-    h, w = rgb.shape[:2]
-    scale = _FOV_THUMB / max(h, w)
-    thumb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))),
-                       interpolation=cv2.INTER_AREA) if scale < 1 else rgb
-    bright = thumb.max(axis=2)
-    level = max(8.0, 0.12 * float(np.percentile(bright, 99)))
+    w, h = size
+    whole = FieldOfView(np.ones((h, w), np.uint8) if full_mask else None, (0, 0, w, h), False,
+                        np.ones(bright.shape, np.uint8))
+    level = max(8.0, 0.12 * percentile_u8(bright, 99))
     binary = (bright > level).astype(np.uint8)
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    full = np.ones((h, w), np.uint8)
-    if count < 2:
-        return FieldOfView(full, (0, 0, w, h), False)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    points = cv2.findNonZero((labels == largest).astype(np.uint8))
-    hull = cv2.convexHull(points)
+    outline = _largest_component_outline(binary)
+    if outline is None:
+        return whole
+    # The hull of a region is the hull of its outer boundary: hulling the outline's points
+    # instead of every pixel's gives the same polygon ~10x faster.
+    hull = cv2.convexHull(outline)
     small = np.zeros(binary.shape, np.uint8)
     cv2.fillConvexPoly(small, hull, 1)
-    fraction = float(small.mean())
+    fraction = cv2.countNonZero(small) / small.size
     if not (_FOV_MIN_FRACTION <= fraction <= _FOV_MAX_FRACTION):
-        return FieldOfView(full, (0, 0, w, h), False)
-    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST) if small.shape != (h, w) \
-        else small
-    x, y, bw, bh = cv2.boundingRect(mask)
-    return FieldOfView(mask, (x, y, x + bw, y + bh), True)
+        return whole
+    x0, x1 = _nearest_span(small.any(axis=0), w)
+    y0, y1 = _nearest_span(small.any(axis=1), h)
+    mask = None
+    if full_mask:
+        mask = small if small.shape == (h, w) else cv2.resize(small, (w, h),
+                                                               interpolation=cv2.INTER_NEAREST)
+    return FieldOfView(mask, (x0, y0, x1, y1), True, small)
+
+
+def detect_fov(rgb: np.ndarray) -> FieldOfView:
+    """The field of view of a decoded photograph (see fov_from_thumbnail)."""
+    return fov_from_thumbnail(fov_thumbnail(rgb), (rgb.shape[1], rgb.shape[0]))
 
 
 # `--size auto`: photographs whose longer side reaches AUTO_LARGE_SIDE pixels go on a canvas
@@ -124,6 +194,10 @@ class Letterbox:
     placed: tuple[int, int, int, int]  # x0, y0, x1, y1 where the crop landed on the canvas
     canvas: int  # side of the square canvas
     image_size: tuple[int, int]  # original (width, height)
+    # The crop in the pixels the canvas is made from (the decoded image, maybe reduced), and
+    # whether it shrinks (area averaging) or grows (bilinear) onto the canvas.
+    source_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    shrinks: bool = False
 
 
 def scale_box(box: tuple[int, int, int, int], sx: float, sy: float, limit: tuple[int, int]):
@@ -134,6 +208,24 @@ def scale_box(box: tuple[int, int, int, int], sx: float, sy: float, limit: tuple
             min(w, int(np.ceil(x1 * sx))), min(h, int(np.ceil(y1 * sy))))
 
 
+def plan_letterbox(box: tuple[int, int, int, int], source_size: tuple[int, int], canvas: int,
+                   image_size: tuple[int, int] | None = None) -> Letterbox:
+    """Every decision of the letterbox, no pixels: the crop `box` of an image of `source_size`
+    (width, height, as decoded) scaled so its longer side fills `canvas`, centred. Both pixel
+    implementations (letterbox here, preprocess_gpu.letterbox) apply this same plan."""
+    w, h = source_size
+    orig_w, orig_h = image_size or (w, h)
+    x0, y0, x1, y1 = (min(max(v, 0), limit) for v, limit in zip(box, (w, h, w, h),
+                                                                  strict=True))
+    cw, ch = max(0, x1 - x0), max(0, y1 - y0)
+    scale = canvas / max(ch, cw, 1)
+    nw, nh = max(1, min(canvas, round(cw * scale))), max(1, min(canvas, round(ch * scale)))
+    ox, oy = (canvas - nw) // 2, (canvas - nh) // 2
+    orig_box = scale_box(box, orig_w / w, orig_h / h, (orig_w, orig_h))
+    return Letterbox(orig_box, (ox, oy, ox + nw, oy + nh), canvas, (orig_w, orig_h),
+                     (x0, y0, x1, y1), scale < 1)
+
+
 def letterbox(rgb: np.ndarray, box: tuple[int, int, int, int], canvas: int,
               image_size: tuple[int, int] | None = None,
               interpolation: int = cv2.INTER_AREA) -> tuple[np.ndarray, Letterbox]:
@@ -141,35 +233,82 @@ def letterbox(rgb: np.ndarray, box: tuple[int, int, int, int], canvas: int,
 
     `image_size` is the original (width, height) when `rgb` was decoded at reduced size; the
     returned Letterbox is always in original-image pixels so the writer never needs the
-    decoded size.
+    decoded size. `interpolation` is used when shrinking (bilinear when growing).
     """
-    h, w = rgb.shape[:2]
-    orig_w, orig_h = image_size or (w, h)
-    x0, y0, x1, y1 = box
+    plan = plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, image_size)
+    x0, y0, x1, y1 = plan.source_box
+    px0, py0, px1, py1 = plan.placed
     crop = rgb[y0:y1, x0:x1]
-    ch, cw = crop.shape[:2]
-    scale = canvas / max(ch, cw)
-    nw, nh = max(1, min(canvas, round(cw * scale))), max(1, min(canvas, round(ch * scale)))
-    interp = interpolation if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(crop, (nw, nh), interpolation=interp) if (nw, nh) != (cw, ch) else crop
-    ox, oy = (canvas - nw) // 2, (canvas - nh) // 2
     out = np.zeros((canvas, canvas) + rgb.shape[2:], rgb.dtype)
-    out[oy:oy + nh, ox:ox + nw] = resized
-    orig_box = scale_box(box, orig_w / w, orig_h / h, (orig_w, orig_h))
-    return out, Letterbox(orig_box, (ox, oy, ox + nw, oy + nh), canvas, (orig_w, orig_h))
+    target = out[py0:py1, px0:px1]
+    if target.shape[:2] == crop.shape[:2]:
+        target[...] = crop
+    else:  # straight into the canvas (OpenCV writes into a strided view): no temporary
+        resized = cv2.resize(crop, (px1 - px0, py1 - py0), dst=target,
+                             interpolation=interpolation if plan.shrinks else cv2.INTER_LINEAR)
+        if not np.shares_memory(resized, out):  # an OpenCV build that would not: copy
+            target[...] = resized
+    return out, plan
+
+
+def _back_to_box(canvas_map: np.ndarray, lb: Letterbox) -> np.ndarray | None:
+    """The placed part of a canvas-sized float map, resized to the crop box in original
+    pixels (float32, bilinear); None for an empty box."""
+    px0, py0, px1, py1 = lb.placed
+    x0, y0, x1, y1 = lb.box
+    if x1 <= x0 or y1 <= y0:
+        return None
+    region = canvas_map[py0:py1, px0:px1].astype(np.float32, copy=False)
+    return cv2.resize(region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
 
 
 def unletterbox(canvas_map: np.ndarray, lb: Letterbox) -> np.ndarray:
     """A canvas-sized float map back onto the original image grid (zero outside the crop)."""
     w, h = lb.image_size
     out = np.zeros((h, w), np.float32)
-    px0, py0, px1, py1 = lb.placed
-    x0, y0, x1, y1 = lb.box
-    if x1 <= x0 or y1 <= y0:
-        return out
-    region = canvas_map[py0:py1, px0:px1].astype(np.float32, copy=False)
-    out[y0:y1, x0:x1] = cv2.resize(region, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    region = _back_to_box(canvas_map, lb)
+    if region is not None:
+        x0, y0, x1, y1 = lb.box
+        out[y0:y1, x0:x1] = region
     return out
+
+
+@dataclass(frozen=True)
+class Masked:
+    """What the writer needs from one image's probabilities, at the original size."""
+
+    mask: np.ndarray  # uint8 0/1: vessel inside the FOV
+    fov: np.ndarray  # uint8 0/1 FOV mask
+    fov_area: int
+    vessel_pixels: int
+    prob: np.ndarray | None = None  # float32, zero outside the FOV (only when asked for)
+
+
+def fov_mask_at(fov_mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A FOV mask (decoded or thumbnail size) at (width, height), nearest neighbour."""
+    w, h = size
+    return fov_mask if fov_mask.shape == (h, w) else cv2.resize(
+        fov_mask, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def threshold_in_fov(canvas_prob: np.ndarray, lb: Letterbox, fov_mask: np.ndarray,
+                     threshold: float, keep_prob: bool = False) -> Masked:
+    """Canvas probabilities -> the original image's mask: back to the crop box (bilinear, in
+    float32 so the threshold cuts exactly where the model's map crosses it), threshold, zero
+    outside the FOV. No full-size float map unless `keep_prob` (probability maps, scores)."""
+    w, h = lb.image_size
+    fov = fov_mask_at(fov_mask, (w, h))
+    region = _back_to_box(canvas_prob, lb)
+    mask = np.zeros((h, w), np.uint8)
+    prob = np.zeros((h, w), np.float32) if keep_prob else None
+    if region is not None:
+        x0, y0, x1, y1 = lb.box
+        mask[y0:y1, x0:x1] = region >= threshold
+        if prob is not None:
+            prob[y0:y1, x0:x1] = region
+            prob *= fov
+    mask &= fov
+    return Masked(mask, fov, cv2.countNonZero(fov), cv2.countNonZero(mask), prob)
 
 
 def prepare(rgb: np.ndarray, canvas: int, image_size: tuple[int, int] | None = None,

@@ -131,3 +131,38 @@ def test_bench_command_user_mistakes_are_one_line(args, message):
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_bench_without_inference_reports_the_hosts_cpu_ms_per_image(images, tmp_path):
+    """--backend none: zero maps, no model run, everything else as in segment; the figure is
+    the process's CPU time per image, so it is bounded by wall time x threads that can run."""
+    record = bench(images, backend="none", batch_sizes=(2,), workers=(1,), repeat=2,
+                   isolate=False, pure_images=2)
+    assert record["backend"]["backend"] == "none"
+    cores = record["machine"]["cores"]
+    for r, threads in ((record["naive"], 1), (record["results"][0], cores)):
+        assert r["images"] == 6 and r["errors"] == 0
+        assert r["vessel_fraction"] == 0  # zero maps: no vessel anywhere
+        wall_ms = 1000 / r["end_to_end_ips"]
+        assert 0 < r["host_ms_per_image"] <= 1.3 * wall_ms * threads
+    # each run's figure is its CPU seconds over its images; the record gives their median
+    from retina_batch.bench import Config, _job, measure
+
+    job = _job("pipeline", images, 6, Config(2, 1), backend="none", model=None, device="cpu",
+               repeat=3, inflight=2, write=True, pure_images=2, pure_repeat=1)
+    runs = measure(job)["runs"]
+    for run in runs:
+        rounding = 1000 * 5e-4 / run["images"] + 1e-3  # cpu_seconds is kept to 1 ms
+        assert run["cpu_ms_per_image"] == pytest.approx(1000 * run["cpu_seconds"]
+                                                        / run["images"], abs=rounding)
+    result = CliRunner().invoke(main, ["bench", "--synthetic", "2", "--size", "96x80",
+                                       "--backend", "none", "--repeat", "1", "--no-naive",
+                                       "--json", str(tmp_path / "b.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["host_ms_per_image"] > 0
+
+
+def test_segment_does_not_offer_the_no_inference_backend(tmp_path):
+    result = CliRunner().invoke(main, ["segment", str(tmp_path), "--out", str(tmp_path / "o"),
+                                       "--backend", "none"])
+    assert result.exit_code == 2 and "none" in result.output

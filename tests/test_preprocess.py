@@ -239,3 +239,92 @@ def test_fov_on_another_camera_against_its_fov_masks(shared_data):
     assert min(ious.values()) > 0.93, ious
     assert sorted(ious.values())[2] > 0.985, ious  # all but the two hardest
     assert np.mean(list(ious.values())) > 0.985
+
+
+# --- the cheaper FOV detection and thresholding give the same answers ------------------------
+
+def test_percentile_u8_is_numpy_percentile_bit_for_bit():
+    from retina_batch.preprocess import percentile_u8
+
+    rng = np.random.default_rng(0)
+    for i in range(3000):
+        n = int(rng.integers(1, 300 if i % 2 else 70000))
+        values = rng.integers(0, int(rng.integers(1, 257)), n, dtype=np.uint8)
+        for q in (99, 50, 1, 99.5):
+            assert percentile_u8(values, q) == float(np.percentile(values, q)), (n, q)
+
+
+def _blobs(seed: int) -> np.ndarray:
+    """Random binary images with several components, holes, and islands inside holes."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((96, 128), np.uint8)
+    for _ in range(int(rng.integers(1, 6))):
+        centre = (int(rng.integers(0, 128)), int(rng.integers(0, 96)))
+        cv2.circle(image, centre, int(rng.integers(2, 40)), 1, -1)
+    for _ in range(int(rng.integers(0, 4))):  # holes, some with an island
+        centre = (int(rng.integers(0, 128)), int(rng.integers(0, 96)))
+        radius = int(rng.integers(3, 20))
+        cv2.circle(image, centre, radius, 0, -1)
+        if rng.random() < 0.5:
+            cv2.circle(image, centre, radius // 2, 1, -1)
+    return image
+
+
+def test_largest_component_outline_hulls_like_labelling_every_pixel():
+    from retina_batch.preprocess import _largest_component_outline
+
+    for seed in range(300):
+        binary = _blobs(seed)
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        outline = _largest_component_outline(binary)
+        if count < 2:
+            assert outline is None
+            continue
+        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        want = np.zeros_like(binary)
+        cv2.fillConvexPoly(want, cv2.convexHull(cv2.findNonZero(
+            (labels == largest).astype(np.uint8))), 1)
+        got = np.zeros_like(binary)
+        cv2.fillConvexPoly(got, cv2.convexHull(outline), 1)
+        assert np.array_equal(got, want), seed
+
+
+@pytest.mark.parametrize("width, height", [(565, 584), (3504, 2336), (200, 130), (300, 700)])
+def test_fov_box_from_the_thumbnail_is_the_full_masks_bounding_box(width, height):
+    fov = detect_fov(fundus_like(width, height, seed=width)[:, :, ::-1].copy())
+    x, y, w, h = cv2.boundingRect(fov.mask)
+    assert fov.found and fov.box == (x, y, x + w, y + h)
+    assert fov.small is not None and max(fov.small.shape) <= 256
+
+
+def test_threshold_in_fov_is_unletterbox_then_fov_then_threshold():
+    """What `finish` computed before, with full-size float maps, and what it computes now."""
+    from retina_batch.preprocess import plan_letterbox, threshold_in_fov
+
+    rng = np.random.default_rng(3)
+    prob = cv2.GaussianBlur(rng.random((64, 64), np.float32), (0, 0), 2) * 1.5
+    fov = (rng.random((203, 301)) > 0.2).astype(np.uint8)
+    lb = plan_letterbox((20, 5, 280, 200), (301, 203), 64, (903, 609))
+    for threshold, keep in ((0.45, False), (0.6, True)):
+        full = unletterbox(prob, lb) * cv2.resize(fov, (903, 609),
+                                                  interpolation=cv2.INTER_NEAREST)
+        got = threshold_in_fov(prob, lb, fov, threshold, keep_prob=keep)
+        assert np.array_equal(got.mask, full >= threshold)
+        assert got.vessel_pixels == np.count_nonzero(full >= threshold) > 1000
+        assert got.fov_area == np.count_nonzero(got.fov) > 0
+        assert (got.prob is None) != keep and (not keep or np.array_equal(got.prob, full))
+
+
+def test_masks_are_1_bit_pngs_that_read_back_as_0_and_255(tmp_path):
+    from PIL import Image
+
+    from retina_batch.io import encode_mask
+
+    mask = (np.random.default_rng(0).random((37, 53)) > 0.7).astype(np.uint8)
+    data = encode_mask(mask)
+    (tmp_path / "m.png").write_bytes(data)
+    assert np.array_equal(cv2.imread(str(tmp_path / "m.png"), cv2.IMREAD_UNCHANGED),
+                          mask * 255)
+    with Image.open(tmp_path / "m.png") as image:
+        assert image.mode == "1" and np.array_equal(np.asarray(image), mask > 0)
+    assert encode_mask(mask * 255) == data

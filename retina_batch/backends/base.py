@@ -17,8 +17,6 @@ import numpy as np
 
 from ..card import load_card
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
-
 
 class BackendUnavailable(RuntimeError):
     """The runtime, device or model a backend needs is missing; the message says how to fix it."""
@@ -122,11 +120,15 @@ class WorkerThreadBackend(Backend):
     so that `submit` returns at once and the pipeline decodes and writes meanwhile.
 
     Subclasses implement `_load` (on open), `_run(batch)` -> probabilities, and `_unload`.
+    `worker_threads` > 1 runs that many batches at once (a GPU runtime with one stream per
+    thread keeps uploads, compute and downloads of different batches overlapping).
     """
+
+    worker_threads = 1
 
     def _open(self) -> None:
         self._load()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        self._worker = ThreadPoolExecutor(self.worker_threads, thread_name_prefix=self.name)
 
     def submit(self, batch: np.ndarray) -> Future:
         self.check_batch(batch)
@@ -149,7 +151,7 @@ class WorkerThreadBackend(Backend):
 def resolve_model(model: str | Path | None, backend: str) -> Path:
     """The model file to use: the given path, or the shipped ONNX model."""
     if model is None:
-        if backend in ("onnxruntime", "auto"):
+        if backend in ("onnxruntime", "auto", "none"):
             return default_model()
         raise BackendUnavailable(f"--backend {backend} needs --model (a "
                                  f"{'.engine' if backend == 'tensorrt' else '.pt'} file)")
@@ -157,23 +159,3 @@ def resolve_model(model: str | Path | None, backend: str) -> Path:
     if not path.is_file():
         raise BackendUnavailable(f"model file not found: {path}")
     return path
-
-
-def open_backend(name: str, model: str | Path | None = None, batch_size: int = 4,
-                 device: str = "auto", **options) -> Backend:
-    """Construct and open a backend by name ('auto' picks one, see auto.choose)."""
-    if name == "auto":
-        from .auto import choose
-
-        name, model = choose(model, device)
-    path = resolve_model(model, name)
-    if name == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeBackend as cls
-    elif name == "tensorrt":
-        from .tensorrt import TensorRTBackend as cls
-    elif name == "torch":
-        from .torch import TorchBackend as cls
-    else:
-        raise BackendUnavailable(f"unknown backend {name!r} (choose from auto, "
-                                 f"{', '.join(BACKENDS)})")
-    return cls(path, batch_size=batch_size, device=device, **options).open()

@@ -6,6 +6,10 @@ engine's largest batch. Three streams (upload, compute, download) chained by eve
 upload of batch k+1, the compute of batch k and the download of batch k-1 overlap. One
 execution context serves every slot: its enqueues are ordered on the compute stream.
 
+Written against cuda-bindings' `cuda.bindings.runtime` (every call returns `(status, *values)`;
+each status is checked) and the TensorRT 11.4 Python runtime (IExecutionContext.set_input_shape
+/ set_tensor_address / execute_async_v3), following NVIDIA's samples/python/common_runtime.py.
+
 tensorrt and cuda-python are imported only when used, so this module imports (and the helpers
 below can be tested) on machines without them.
 """
@@ -95,6 +99,18 @@ def check_sidecar(sidecar: dict, running: dict, engine_path) -> None:
                                  f"({'; '.join(problems)}): rebuild it here with `{rebuild}`")
 
 
+# Events the host waits on block the waiting thread instead of spinning (cudaEventBlockingSync):
+# a spinning cudaEventSynchronize burns a whole core for the GPU time of every batch, the core
+# the decoders need. Events used only for ordering or waiting need no timestamps
+# (cudaEventDisableTiming, the cheapest kind for cudaStreamWaitEvent); only the pair that
+# measures compute time keeps timing. (CUDA runtime API, cudaEventCreateWithFlags.)
+def event_flags(cudart) -> dict[str, int]:
+    quiet = int(cudart.cudaEventDisableTiming)
+    return {"uploaded": quiet, "started": int(cudart.cudaEventDefault),
+            "computed": int(cudart.cudaEventDefault),
+            "done": int(cudart.cudaEventBlockingSync) | quiet}
+
+
 @dataclass
 class _Slot:
     """Buffers and events of one in-flight batch."""
@@ -129,9 +145,14 @@ class TensorRTBackend(Backend):
                                      "--backend onnxruntime")
         self.slot_count, self.gpu = max(2, slots), gpu
         self._owned: list[tuple[str, object]] = []  # (cuda free function, handle), for close
-        profile = self.card.get("tensorrt", {}).get("profile", {})
+        self._streams: list = []
+        self._bound = threading.local()  # which threads have called cudaSetDevice
+        self._broken: BaseException | None = None
+        section = self.card.get("tensorrt", {})
+        profile = section.get("profile", {})
         self.min_batch = int(profile.get("min", 1))
         self.max_batch = int(profile.get("max", batch_size))
+        self.canvas = section.get("canvas")  # {min, opt, max}; absent in older sidecars
 
     # --- open: check, deserialize, allocate ---------------------------------------------
     def _open(self) -> None:
@@ -139,21 +160,10 @@ class TensorRTBackend(Backend):
         self.cudart = import_cudart()
         self.platform = running_platform(self.gpu)
         check_sidecar(self.card, self.platform, self.model_path)
-        if self.batch_size > self.max_batch:
-            raise BackendUnavailable(
-                f"--batch-size {self.batch_size} is larger than this engine's profile allows "
-                f"({self.max_batch}): use a smaller batch or rebuild with --batch "
-                f"{self.min_batch},{self.batch_size},{self.batch_size}")
-        cuda_check(self.cudart.cudaSetDevice(self.gpu))
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(self.model_path.read_bytes())
-        if self._engine is None:
-            raise BackendUnavailable(f"TensorRT could not load {self.model_path} (see its log "
-                                     f"above); rebuild with `{self._rebuild()}`")
-        self._context = self._engine.create_execution_context()
-        self.input, self.output = self._io_names(trt)
+        self._check_profile()
+        self._bind_device()
         try:
+            self._load(trt)
             self._allocate()
         except BaseException:
             self._close()
@@ -163,6 +173,38 @@ class TensorRTBackend(Backend):
         # Waits for downloads off the caller's thread, so submit() never blocks on the GPU
         # unless every slot is busy.
         self._collector = ThreadPoolExecutor(1, thread_name_prefix="trt-collect")
+
+    def _check_profile(self) -> None:
+        if self.batch_size > self.max_batch:
+            raise BackendUnavailable(
+                f"--batch-size {self.batch_size} is larger than this engine's profile allows "
+                f"({self.max_batch}): use a smaller batch or rebuild with --batch "
+                f"{self.min_batch},{self.batch_size},{self.batch_size}")
+        if self.canvas and not self.canvas["min"] <= self.size <= self.canvas["max"]:
+            raise BackendUnavailable(
+                f"{self.model_path} accepts canvases {self.canvas['min']}..{self.canvas['max']}"
+                f", not the working size {self.size}: rebuild with `{self._rebuild()}`")
+
+    def _bind_device(self) -> None:
+        """cudaSetDevice on this thread, once: the runtime's current device is per host thread,
+        and submit (the caller's thread), the collector and close each make CUDA calls."""
+        if getattr(self._bound, "device", None) != self.gpu:
+            cuda_check(self.cudart.cudaSetDevice(self.gpu))
+            self._bound.device = self.gpu
+
+    def _load(self, trt) -> None:
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(self.model_path.read_bytes())
+        if self._engine is None:
+            raise BackendUnavailable(f"TensorRT could not load {self.model_path} (see its log "
+                                     f"above); rebuild with `{self._rebuild()}`")
+        self._context = self._engine.create_execution_context()
+        if self._context is None:  # documented: None when the device memory cannot be had
+            raise BackendUnavailable(f"TensorRT could not create an execution context for "
+                                     f"{self.model_path} (not enough free GPU memory?); free "
+                                     "the GPU or use a smaller --batch-size")
+        self.input, self.output = self._io_names(trt)
 
     def _rebuild(self) -> str:
         return self.card.get("tensorrt", {}).get("rebuild", "retina-batch export ...")
@@ -197,12 +239,13 @@ class TensorRTBackend(Backend):
         for _ in range(self.slot_count):
             host_in = self._own("cudaFreeHost", c.cudaMallocHost(in_bytes))
             host_out = self._own("cudaFreeHost", c.cudaMallocHost(out_bytes))
-            events = [self._own("cudaEventDestroy", c.cudaEventCreate()) for _ in range(4)]
+            events = {name: self._own("cudaEventDestroy", c.cudaEventCreateWithFlags(flags))
+                      for name, flags in event_flags(c).items()}
             self._slots.append(_Slot(
                 host_in, host_out, self._own("cudaFree", c.cudaMalloc(in_bytes)),
                 self._own("cudaFree", c.cudaMalloc(out_bytes)),
                 _pinned_view(host_in, in_shape, np.uint8),
-                _pinned_view(host_out, out_shape, np.float32), *events))
+                _pinned_view(host_out, out_shape, np.float32), **events))
 
     # --- submit: enqueue on the GPU now, resolve the future when the download is done ---
     def submit(self, batch: np.ndarray) -> Future:
@@ -211,6 +254,11 @@ class TensorRTBackend(Backend):
         rows = max(n, self.min_batch)  # a short last batch is padded up to the profile minimum
         future: Future = Future()
         with self._lock:
+            if self._broken is not None:
+                future.set_exception(RuntimeError(f"the TensorRT backend stopped after a CUDA "
+                                                  f"failure: {self._broken}"))
+                return future
+            self._bind_device()
             slot = self._slots[self._next]
             self._next = (self._next + 1) % len(self._slots)
             if slot.pending is not None:  # the slot's previous batch must be fully downloaded
@@ -221,24 +269,36 @@ class TensorRTBackend(Backend):
             try:
                 self._enqueue(slot, rows)
             except Exception as e:
+                self._quiesce()
                 future.set_exception(e)
                 return future
         self._collector.submit(self._collect, slot, n, future)
         return future
 
+    def _quiesce(self) -> None:
+        """After a failed enqueue, wait until the GPU can no longer touch the slot: its upload
+        may already be reading the pinned input, which the next batch given this slot would
+        overwrite. If even that fails the context is unusable: refuse further batches."""
+        try:
+            for stream in self._streams:
+                cuda_check(self.cudart.cudaStreamSynchronize(stream))
+        except CudaError as e:
+            self._broken = e
+
     def _enqueue(self, slot: _Slot, rows: int) -> None:
         c, (upload, compute, download) = self.cudart, self._streams
         s = self.size
         kind = c.cudaMemcpyKind
+        # Host-side settings first: a rejected shape then fails before any copy is enqueued.
+        if not self._context.set_input_shape(self.input, (rows, s, s, 3)):
+            raise RuntimeError(f"TensorRT rejected input shape {(rows, s, s, 3)}")
+        self._context.set_tensor_address(self.input, slot.dev_in)
+        self._context.set_tensor_address(self.output, slot.dev_out)
         cuda_check(c.cudaMemcpyAsync(slot.dev_in, slot.host_in, rows * s * s * 3,
                                      kind.cudaMemcpyHostToDevice, upload))
         cuda_check(c.cudaEventRecord(slot.uploaded, upload))
         cuda_check(c.cudaStreamWaitEvent(compute, slot.uploaded, 0))
         cuda_check(c.cudaEventRecord(slot.started, compute))
-        if not self._context.set_input_shape(self.input, (rows, s, s, 3)):
-            raise RuntimeError(f"TensorRT rejected input shape {(rows, s, s, 3)}")
-        self._context.set_tensor_address(self.input, slot.dev_in)
-        self._context.set_tensor_address(self.output, slot.dev_out)
         if not self._context.execute_async_v3(int(compute)):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
         cuda_check(c.cudaEventRecord(slot.computed, compute))
@@ -249,7 +309,8 @@ class TensorRTBackend(Backend):
 
     def _collect(self, slot: _Slot, n: int, future: Future) -> None:
         try:
-            cuda_check(self.cudart.cudaEventSynchronize(slot.done))
+            self._bind_device()
+            cuda_check(self.cudart.cudaEventSynchronize(slot.done))  # blocking, not spinning
             probs = slot.probs[:n].copy()  # the pinned buffer is reused by a later batch
             ms = cuda_check(self.cudart.cudaEventElapsedTime(slot.started, slot.computed))
             future.compute_seconds = float(ms) / 1000.0  # GPU time, not queueing time
@@ -263,6 +324,10 @@ class TensorRTBackend(Backend):
             self._collector.shutdown(wait=True)
             self._collector = None
         errors = []
+        try:
+            self._bind_device()
+        except CudaError as e:
+            errors.append(e)
         for stream in getattr(self, "_streams", []):
             try:
                 cuda_check(self.cudart.cudaStreamSynchronize(stream))
@@ -286,4 +351,5 @@ class TensorRTBackend(Backend):
         info = self.card.get("tensorrt", {})
         return {**super().describe(), "runtime": f"tensorrt {info.get('tensorrt')}",
                 "gpu": getattr(self, "platform", {}).get("gpu", info.get("gpu")),
-                "profile": info.get("profile"), "slots": self.slot_count, "streams": 3}
+                "profile": info.get("profile"), "canvas": info.get("canvas"),
+                "slots": self.slot_count, "streams": 3}

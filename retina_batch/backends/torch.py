@@ -1,9 +1,28 @@
-"""PyTorch backend: eager inference straight from a training checkpoint (`model.pt` + its card
-`model.json`), on the CPU or a CUDA GPU. For checking weights before they are exported; the
-exported graphs compute the same function (model.InferenceModel)."""
+"""PyTorch backend: inference straight from a training checkpoint (`model.pt` + its card
+`model.json`), on the CPU or a CUDA GPU; the exported graphs compute the same function.
+
+On the CPU it is eager fp32 (model.InferenceModel), for checking weights before they are
+exported. On a CUDA GPU it is meant to run near the GPU's capacity without TensorRT:
+- the fp16 graph's function (export.mixed_precision_model: BatchNorm folded in fp32, conv body
+  in fp16, scaling, standardisation and sigmoid in fp32), weights in channels-last layout (the
+  NHWC uint8 input permuted to NCHW already is channels-last), cuDNN autotuning;
+- `streams` worker threads, each with its own CUDA stream and pinned host buffers, so the
+  upload, compute and download of different batches overlap (several batches in flight);
+- `segment_decoded`: the GPU-resident flow. Decoded uint8 photographs go to the GPU once;
+  letterbox, inference, resize back to the original size, threshold and FOV run there
+  (preprocess_gpu); only the uint8 masks (and probabilities if asked for) come back.
+
+UNTESTED ON A GPU (none was available when this was written): the CUDA branches (fp16,
+channels-last, streams, pinned buffers, nvJPEG) are written against the PyTorch 2.x and
+torchvision.io docs; the same code paths run on the CPU in the tests. CUDA graphs and
+torch.compile are not used (untried).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +54,42 @@ def load_network(path: str | Path):
     return net.eval()
 
 
+@dataclass
+class DecodedResult:
+    """One photograph through segment_decoded: what the pipeline's writer needs."""
+
+    mask: np.ndarray  # uint8 0/1 at the original size, zero outside the FOV
+    prob: np.ndarray | None  # float32 at the original size (keep_prob), zero outside the FOV
+    fov: object  # preprocess.FieldOfView (box, found; `small` at thumbnail size)
+    letterbox: object  # preprocess.Letterbox
+    fov_area: int
+    vessel_pixels: int
+
+
+class _Staging:
+    """A thread's CUDA stream and growable pinned host buffers (uploads and downloads)."""
+
+    def __init__(self, torch):
+        self.torch = torch
+        self.stream = torch.cuda.Stream()
+        self.buffers: dict[str, object] = {}
+
+    def pinned(self, name: str, nbytes: int):
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8, pin_memory=True)
+            self.buffers[name] = buffer
+        return buffer
+
+
 class TorchBackend(WorkerThreadBackend):
     name = "torch"
 
-    def __init__(self, model, batch_size: int = 4, device: str = "auto", threads: int = 0):
+    def __init__(self, model, batch_size: int = 4, device: str = "auto", threads: int = 0,
+                 streams: int = 2):
         super().__init__(model, batch_size=batch_size, device=device)
         self.threads = threads
+        self.streams = max(1, streams)
 
     def _torch_device(self, torch) -> str:
         cuda = torch.cuda.is_available()
@@ -56,8 +105,23 @@ class TorchBackend(WorkerThreadBackend):
         self.torch_device = self._torch_device(torch)
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.module = InferenceModel(load_network(self.model_path)).to(self.torch_device).eval()
+        net = load_network(self.model_path)
+        self.cuda = self.torch_device == "cuda"
+        if self.cuda:
+            from ..export import mixed_precision_model
+
+            torch.backends.cudnn.benchmark = True  # fixed canvas: tune the convolutions once
+            module = mixed_precision_model(net).to("cuda").to(memory_format=torch.channels_last)
+            self.worker_threads = self.streams
+            self.precision = "fp16 (mixed, as model.fp16.onnx)"
+        else:
+            module = InferenceModel(net)
+            self.precision = "fp32"
+        self.module = module.eval()
         self._torch = torch
+        self._local = threading.local()
+
+    # --- the Backend interface: canvases in, canvas probabilities out --------------------
 
     def accepts(self, size: int) -> bool:
         return size % 32 == 0  # eager PyTorch: any side the U-Net's downsamplings divide
@@ -65,10 +129,109 @@ class TorchBackend(WorkerThreadBackend):
     def _run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(batch).to(self.torch_device))
-            if self.torch_device == "cuda":
-                torch.cuda.synchronize()  # so compute_seconds covers the GPU work
-            return out.float().cpu().numpy()
+            if not self.cuda:
+                return self.module(torch.from_numpy(batch)).float().numpy()
+            staging = self._staging()
+            with torch.cuda.stream(staging.stream):
+                x = self._upload(staging, "in", batch)
+                probs = self.module(x.view(batch.shape)).float()
+                out = self._download(staging, "out", probs)
+                staging.stream.synchronize()  # releases the GIL: other streams run meanwhile
+                return out.numpy().copy()  # the pinned buffer is reused by the next batch
+
+    def _staging(self) -> _Staging:
+        staging = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = _Staging(self._torch)
+        return staging
+
+    def _upload(self, staging: _Staging, name: str, array: np.ndarray):
+        """Host array -> device, through this thread's pinned buffer (truly asynchronous)."""
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        pinned = staging.pinned(name, flat.size)[:flat.size]
+        pinned.numpy()[...] = flat
+        return pinned.to("cuda", non_blocking=True).view(self._torch_dtype(array.dtype)) \
+            .view(array.shape)
+
+    def _download(self, staging: _Staging, name: str, tensor):
+        """Device tensor -> a view of this thread's pinned buffer (valid after a sync)."""
+        nbytes = tensor.numel() * tensor.element_size()
+        pinned = staging.pinned(name, nbytes)[:nbytes].view(tensor.dtype).view(tensor.shape)
+        pinned.copy_(tensor, non_blocking=True)
+        return pinned
+
+    def _torch_dtype(self, dtype):
+        return {np.dtype(np.uint8): self._torch.uint8,
+                np.dtype(np.float32): self._torch.float32}[np.dtype(dtype)]
+
+    # --- the GPU-resident flow ----------------------------------------------------------
+    def segment_decoded(self, images: list, sizes: list | None = None, fovs: list | None = None,
+                        threshold: float | None = None, keep_prob: bool = False):
+        """Segment decoded photographs on the backend's device; returns a Future of a list of
+        DecodedResult in input order (its `compute_seconds`: the whole batch's time).
+
+        images: RGB uint8 H x W x 3, numpy arrays (decoded on the host) or torch tensors
+        already on the device (decode_jpegs). sizes: the original (width, height) of each,
+        when decoded at reduced size (None: as decoded). fovs: a preprocess.FieldOfView per
+        image from FOV files, or None to detect it (from a thumbnail, on the host).
+        threshold: default the card's. keep_prob: also return float32 probabilities.
+        """
+        if len(images) > self.batch_size:
+            raise ValueError(f"{self.name}: {len(images)} images > batch size {self.batch_size}")
+        return self.run_timed(self._worker, self._segment_decoded, list(images),
+                              sizes or [None] * len(images), fovs or [None] * len(images),
+                              self.threshold if threshold is None else float(threshold),
+                              keep_prob)
+
+    def _segment_decoded(self, images, sizes, fovs, threshold, keep_prob) -> list:
+        torch = self._torch
+        staging = self._staging() if self.cuda else None
+        stream = torch.cuda.stream(staging.stream) if self.cuda else contextlib.nullcontext()
+        with torch.inference_mode(), stream:
+            prepared = [self._prepare(staging, i, img, size, fov)
+                        for i, (img, size, fov) in enumerate(zip(images, sizes, fovs,
+                                                                  strict=True))]
+            canvases = torch.stack([canvas for canvas, _, _, _ in prepared])
+            probs = self.module(canvases).float()
+            return self._finish(staging, prepared, probs, threshold, keep_prob)
+
+    def _prepare(self, staging, index: int, image, size, fov):
+        """(canvas, letterbox, FOV, FOV mask at decoded size) of one image, on the device."""
+        from .. import preprocess as host
+        from .. import preprocess_gpu as device
+
+        decoded = (image.shape[1], image.shape[0])
+        if isinstance(image, np.ndarray):
+            if fov is None:  # the thumbnail on the host: the image is here already
+                fov = host.fov_from_thumbnail(host.fov_thumbnail(image), decoded,
+                                              full_mask=False)
+            image = self._upload(staging, f"image{index}", image) if self.cuda \
+                else self._torch.from_numpy(image)
+        elif fov is None:
+            fov = device.detect_fov(image)
+        canvas, lb = device.letterbox(image, fov.box, self.size, size)
+        return canvas, lb, fov, device.fov_on_device(fov, decoded, canvas.device)
+
+    def _finish(self, staging, prepared, probs, threshold, keep_prob) -> list:
+        from .. import preprocess_gpu as device
+
+        done = [device.threshold_in_fov(probs[i], lb, fov_mask, threshold, keep_prob)
+                for i, (_, lb, _, fov_mask) in enumerate(prepared)]
+        counts = self._torch.stack([self._torch.stack([d.fov_area, d.vessel_pixels])
+                                    for d in done])
+        if self.cuda:
+            counts = self._download(staging, "counts", counts)
+            masks = [self._download(staging, f"mask{i}", d.mask) for i, d in enumerate(done)]
+            probs = [self._download(staging, f"prob{i}", d.prob) if keep_prob else None
+                     for i, d in enumerate(done)]
+            staging.stream.synchronize()
+        else:
+            masks, probs = [d.mask for d in done], [d.prob for d in done]
+        counts = counts.numpy().tolist()
+        return [DecodedResult(mask.numpy().copy(), None if prob is None else prob.numpy().copy(),
+                              fov, lb, int(area), int(vessels))
+                for mask, prob, (_, lb, fov, _), (area, vessels)
+                in zip(masks, probs, prepared, counts, strict=True)]
 
     def _unload(self) -> None:
         del self.module
@@ -76,4 +239,22 @@ class TorchBackend(WorkerThreadBackend):
     def describe(self) -> dict:
         torch = import_torch()
         return {**super().describe(), "runtime": f"torch {torch.__version__}",
-                "torch_device": getattr(self, "torch_device", None)}
+                "torch_device": getattr(self, "torch_device", None),
+                "precision": getattr(self, "precision", None),
+                "streams": self.worker_threads}
+
+
+def decode_jpegs(datas: list[bytes], device: str = "cuda") -> list | None:
+    """JPEG bytes -> RGB uint8 H x W x 3 tensors decoded on the GPU (nvJPEG, through
+    torchvision.io.decode_jpeg with device="cuda", batched); None when torchvision or a CUDA
+    device is missing, and the caller decodes on the host (io.decode). UNTESTED on a GPU."""
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    if device != "cuda" or not torch.cuda.is_available():
+        return None
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+    return [image.permute(1, 2, 0) for image in decoded]  # C x H x W -> H x W x C (a view)

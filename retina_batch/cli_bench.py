@@ -170,7 +170,9 @@ def print_bench(record: dict, console: Console) -> None:
     for name in ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode",
                  "prep", "infer", "post", "measure", "write", "host ms", "p50 ms", "p95 ms",
                  "peak RSS", "CPU"):
-        table.add_column(name, justify="left" if name == "configuration" else "right")
+        # The configuration names the row: never wrapped, the figures shrink instead.
+        table.add_column(name, justify="left" if name == "configuration" else "right",
+                         no_wrap=name == "configuration")
     rows = [("naive loop (batch 1)", record["naive"])] if "naive" in record else []
     rows += [(_label(r["config"]), r) for r in record["results"]]
     for label, r in rows:

@@ -160,11 +160,34 @@ class Ledger:
             raise RuntimeError(f"{self.path} was written by a newer retina-batch "
                                f"(ledger schema {version}); upgrade retina-batch")
         self.db.commit()
-        self.others = [_connect(p, read_only=True) for p in
-                       (ledger_files(self.folder) if self.folder else []) if p != self.path]
+        self._open_others([p for p in (ledger_files(self.folder) if self.folder else [])
+                           if p != self.path])
         self.run: RunSettings | None = None
         self._uncommitted, self._last_commit = 0, time.monotonic()
         self._settings_stamped = self._view_marked = False
+
+    @classmethod
+    def reader(cls, folder: Path) -> Ledger:
+        """Every ledger file of `folder`, read-only: for `merge`, which writes no ledger (its
+        own part is an empty in-memory one, so it creates no file and owns none)."""
+        ledger = cls(None, writer="merge")
+        ledger.folder = Path(folder)
+        for db in ledger.others:
+            db.close()
+        ledger._open_others(ledger_files(ledger.folder))
+        return ledger
+
+    def _open_others(self, paths: list[Path]) -> None:
+        """The other writers' files, read-only. A file whose writer is still creating it (a
+        shard started at the same moment) has no schema yet and nothing to read: left out."""
+        self.others, self.writers = [], [self.writer]
+        for path in paths:
+            db = _connect(path, read_only=True)
+            if _has_schema(db):
+                self.others.append(db)
+                self.writers.append(writer_of(path))
+            else:
+                db.close()
 
     # --- reading (every ledger file of the folder) -----------------------------------------
     def get(self, key: str) -> Entry | None:
@@ -218,6 +241,12 @@ class Ledger:
                 "SELECT key, recorded_ns, status, row FROM entries ORDER BY key"):
             if status != "pending":
                 yield json.loads(row)
+
+    def current(self) -> Iterator[tuple]:
+        """(key, recorded_ns, status, model_sha256, threshold, writer) of every input's newest
+        entry, in key order: what `merge` checks (settings, which writer left what pending)."""
+        return self._newest("SELECT key, recorded_ns, status, model_sha256, threshold "
+                            "FROM entries ORDER BY key", tagged=True)
 
     def totals(self) -> dict:
         """Inputs of the folder by state: done (ok), failed (error), pending (no result)."""
@@ -328,8 +357,11 @@ class Ledger:
 
     def close(self) -> None:
         self.commit()
-        for db in (self.db, *self.others):
+        for db in self.others:
             db.close()
+        if self.path is not None:
+            _self_contained(self.db)
+        self.db.close()
 
     # --- helpers ---------------------------------------------------------------------------
     def relative(self, path: Path) -> str:
@@ -342,10 +374,13 @@ class Ledger:
         return self.db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() \
             is not None
 
-    def _newest(self, sql: str) -> Iterator[tuple]:
+    def _newest(self, sql: str, tagged: bool = False) -> Iterator[tuple]:
         """(key, recorded_ns, ...) rows of every ledger file merged in key order, the newest
-        one per key: O(number of files) memory however many rows."""
+        one per key: O(number of files) memory however many rows. `tagged`: each row ends with
+        the name of the writer whose file holds it."""
         streams = [db.execute(sql) for db in self._all()]
+        if tagged:
+            streams = [_tag(rows, name) for rows, name in zip(streams, self.writers, strict=True)]
         current = None
         for r in heapq.merge(*streams, key=lambda r: r[0]):
             if current is not None and r[0] != current[0]:
@@ -369,6 +404,35 @@ class Ledger:
 
     def _set_meta(self, name: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+
+def writer_of(path: Path) -> str:
+    """The writer name of a ledger file (ledger-<writer>.sqlite)."""
+    return Path(path).stem.removeprefix("ledger-")
+
+
+def _self_contained(db: sqlite3.Connection) -> None:
+    """Move everything from the WAL into the database file when a writer is done, so that the
+    file alone is the whole ledger, also while another process (a shard's reader) keeps the
+    WAL from being deleted: a reader on another host (merge over a network file system) then
+    finds nothing in a WAL written elsewhere. A no-op when there is nothing to move, so a run
+    refused at the start leaves the file byte for byte as it was."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.OperationalError:  # busy: SQLite checkpoints on the last close instead
+        pass
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    try:  # the schema version is stored (and committed) after every table was created
+        return db.execute("SELECT 1 FROM meta WHERE name = 'schema'").fetchone() is not None
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _tag(rows, name: str) -> Iterator[tuple]:
+    for r in rows:
+        yield (*r, name)
 
 
 def relative_to(path: Path, folder: Path) -> str:

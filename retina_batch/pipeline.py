@@ -35,6 +35,7 @@ from .metrics import evaluate_image
 from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
 from .records import SCORE_FIELDS, write_metrics_csv
 from .resume import Plan, check_settings, plan_run
+from .shard import Shard
 from .summary import RunTally, build_summary, model_identity
 
 
@@ -57,6 +58,7 @@ class Options:
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
+    shard: Shard | None = None  # only this shard's inputs, its own ledger file (see shard.py)
 
 
 @dataclass
@@ -201,7 +203,8 @@ class Pipeline:
                 try:
                     plan = plan_run(source, self.layout, self.ledger, self.run_id,
                                     overwrite=self.opt.overwrite, stop=self.stop,
-                                    on_refused=self._refuse, started=t0)
+                                    on_refused=self._refuse, started=t0,
+                                    select=self.opt.shard.contains if self.opt.shard else None)
                     self.on_start(plan)
                     self._feed(self.ledger.queued(self.run_id))
                 except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
@@ -222,8 +225,12 @@ class Pipeline:
                 wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
                 run_id=self.run_id, threshold=self.threshold, backend=self.backend,
                 model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+            if self.opt.shard:
+                summary["shard"] = {"index": self.opt.shard.index, "count": self.opt.shard.count,
+                                    "writer": self.opt.shard.writer}
             if self.opt.write:
-                write_json_atomic(self.layout.summary_path, summary)
+                write_json_atomic(self.opt.shard.summary_path(self.layout.out) if self.opt.shard
+                                  else self.layout.summary_path, summary)
             return summary
         finally:
             self.ledger.close()
@@ -232,7 +239,8 @@ class Pipeline:
         """The folder's ledger, checked against this run's model and threshold (a folder holds
         the results of one model and threshold; --overwrite starts it anew)."""
         model = model_identity(self.backend)
-        ledger = Ledger(self.layout.out if self.opt.write else None)
+        ledger = Ledger(self.layout.out if self.opt.write else None,
+                        self.opt.shard.writer if self.opt.shard else "main")
         try:
             model_file = str(getattr(self.backend, "model_path", "") or "")
             if self.opt.overwrite:
@@ -250,11 +258,13 @@ class Pipeline:
         return ledger, model
 
     def _write_view(self, ledger: Ledger | None = None) -> dict | None:
-        """Rewrite metrics.csv from the ledger when it no longer matches it."""
+        """Rewrite metrics.csv from the ledger when it no longer matches it. A shard never
+        writes it (the folder's view is `merge`'s); with other writers' files in the folder
+        it is always rewritten (this writer cannot tell whether they changed since)."""
         ledger = ledger or self.ledger
-        if not self.opt.write:
+        if not self.opt.write or self.opt.shard:
             return None
-        if ledger.view_stale() or not self.layout.metrics_path.exists() \
+        if ledger.others or ledger.view_stale() or not self.layout.metrics_path.exists() \
                 or ledger.last_view() is None:
             ledger.view_written(write_metrics_csv(ledger.rows(), self.layout.metrics_path))
         return ledger.last_view()
@@ -371,7 +381,8 @@ class Pipeline:
 
     def _outputs(self) -> dict:
         layout = self.layout
-        return {"masks": str(layout.out), "metrics": str(layout.metrics_path),
+        return {"masks": str(layout.out),
+                "metrics": None if self.opt.shard else str(layout.metrics_path),
                 "prob": str(layout.prob_dir) if layout.prob_dir else None,
                 "overlay": str(layout.overlay_dir) if layout.overlay_dir else None,
                 "ledger": str(self.ledger.path) if self.ledger.path else None}
@@ -412,7 +423,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
-            reduced_decode: bool = True) -> dict:
+            reduced_decode: bool = True, shard: Shard | None = None) -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
@@ -422,6 +433,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     with single images become error rows instead. Setting `stop` (from a signal handler or
     another thread) ends the run early and cleanly. `on_start(plan)` is called once the inputs
     have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
+    `shard`: process only that shard's inputs (shard.py; its summary goes beside its ledger).
     """
     from .backends import open_backend
     from .io import InputError
@@ -443,7 +455,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
         raise InputError(f"no images found in {source}")
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
-                      reduced_decode=reduced_decode, **paths)
+                      reduced_decode=reduced_decode, shard=shard, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         if on_open:
             on_open(runner)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,16 +55,20 @@ def _model(name: str | None, sha: str | None) -> str:
 
 
 def plan_run(source, layout: Layout, ledger: Ledger, run_id: str, *, overwrite: bool,
-             stop: threading.Event, on_refused, started: float = 0.0) -> Plan:
+             stop: threading.Event, on_refused, started: float = 0.0,
+             select: Callable[[str], bool] | None = None) -> Plan:
     """Check every input of `source` against the ledger and queue the ones to process.
 
     `on_refused(path, key, output, stat, message)` is called for an input whose output name
-    another input already writes (the caller records its error row)."""
+    another input already writes (the caller records its error row). `select(key)`: only the
+    inputs it accepts are this run's (a shard's); the others are not even counted as found."""
     plan = Plan(started=started)
     for path, rel in discover(source, exclude=layout.folders()):
         if stop.is_set():
             break
         key = rel.as_posix()
+        if select is not None and not select(key):
+            continue
         try:
             st = os.stat(path)
         except OSError:

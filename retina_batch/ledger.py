@@ -122,10 +122,12 @@ def ledger_files(folder: Path) -> list[Path]:
     return sorted((Path(folder) / LEDGER_DIR).glob("ledger-*.sqlite"))
 
 
-def _connect(path: str | Path, read_only: bool = False) -> sqlite3.Connection:
+def _connect(path: str | Path, read_only: bool = False,
+             any_thread: bool = False) -> sqlite3.Connection:
     if read_only:
-        return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    db = sqlite3.connect(path)
+        return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True,
+                               check_same_thread=not any_thread)
+    db = sqlite3.connect(path, check_same_thread=not any_thread)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # durable against process kills, fsync per checkpoint
     db.execute("PRAGMA cache_size=-16000")  # 16 MB of page cache, whatever the number of rows
@@ -142,16 +144,18 @@ class Ledger:
 
     COMMIT_EVERY, COMMIT_SECONDS = 256, 1.0
 
-    def __init__(self, folder: Path | None, writer: str = "main"):
+    def __init__(self, folder: Path | None, writer: str = "main", any_thread: bool = False):
+        """`any_thread`: used from several threads, one at a time (the caller serialises;
+        Ray runs an actor's calls on threads of its own)."""
         self.folder = Path(folder) if folder is not None else None
-        self.writer = writer
+        self.writer, self._any_thread = writer, any_thread
         if self.folder is None:
             self.path = None
             self.db = _connect(":memory:")
         else:
             self.path = self.folder / LEDGER_DIR / f"ledger-{writer}.sqlite"
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = _connect(self.path)
+            self.db = _connect(self.path, any_thread=any_thread)
         self.db.executescript(_SCHEMA)
         version = self._meta("schema")
         if version is None:
@@ -182,7 +186,7 @@ class Ledger:
         shard started at the same moment) has no schema yet and nothing to read: left out."""
         self.others, self.writers = [], [self.writer]
         for path in paths:
-            db = _connect(path, read_only=True)
+            db = _connect(path, read_only=True, any_thread=self._any_thread)
             if _has_schema(db):
                 self.others.append(db)
                 self.writers.append(writer_of(path))
@@ -317,6 +321,39 @@ class Ledger:
                         (run.model_sha256, run.threshold, run.model))
             self._settings_stamped = True
         self.mark_view_stale()
+
+    def absorb(self, path: Path) -> None:
+        """Take over the entries and settings of a writer that is finished for good (a Ray
+        write actor of a run that is over: Ray names them by actor id, so none ever reopens its
+        file), then delete its file, so the folder does not gather one file per actor per run.
+        Where both files hold an input, the newer entry is kept. A kill between the commit and
+        the deletion leaves the same entries in two files: harmless, and absorbed again."""
+        self.commit()
+        name = writer_of(path)
+        if name in self.writers[1:]:  # opened for reading at the start: let go of it first
+            index = self.writers.index(name, 1)
+            self.others.pop(index - 1).close()
+            self.writers.pop(index)
+        probe = _connect(path, read_only=True)
+        readable = _has_schema(probe)
+        probe.close()
+        if readable:
+            self._take_over(path)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def _take_over(self, path: Path) -> None:
+        self.db.execute("ATTACH DATABASE ? AS finished", (str(path),))
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO entries SELECT f.* FROM finished.entries f LEFT JOIN "
+                "entries m ON m.key = f.key WHERE m.key IS NULL OR f.recorded_ns > m.recorded_ns")
+            self.db.execute("INSERT OR IGNORE INTO settings SELECT * FROM finished.settings")
+            self.db.commit()
+        finally:
+            self.db.execute("DETACH DATABASE finished")
+        self.mark_view_stale()
+        self.commit()
 
     def forget(self, key: str) -> None:
         """Drop this writer's entry for an input (one that no longer exists on disk)."""

@@ -418,6 +418,27 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_run(source, write: bool, **folders) -> dict[str, Path | None]:
+    """The checks made before a run loads anything or creates any folder (any runner: local,
+    shard, Ray); returns `folders` (out, prob_dir, ...) as Paths."""
+    from .io import InputError
+
+    paths = {k: Path(v) if v is not None else None for k, v in folders.items()}
+    layout = Layout(paths["out"], paths["prob_dir"], paths["overlay_dir"], paths["metrics"])
+    iter(discover(source))  # raises InputError now rather than after the model has loaded
+    for name in ("truth_dir", "fov_dir"):
+        if paths[name] is not None and not paths[name].is_dir():
+            raise FileNotFoundError(f"--{name.replace('_dir', '')} folder not found: "
+                                    f"{paths[name]}")
+    if write:
+        for folder in [*layout.folders(), layout.metrics_path.parent]:
+            check_writable(folder)
+        check_not_inputs(source, layout)
+    if next(iter(discover(source, exclude=layout.folders())), None) is None:
+        raise InputError(f"no images found in {source}")
+    return paths
+
+
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
             batch_size: int = 2, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
@@ -436,23 +457,9 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     `shard`: process only that shard's inputs (shard.py; its summary goes beside its ledger).
     """
     from .backends import open_backend
-    from .io import InputError
 
-    paths = {k: Path(v) if v is not None else None for k, v in dict(
-        out=out, prob_dir=prob_dir, overlay_dir=overlay_dir, metrics=metrics,
-        truth_dir=truth_dir, fov_dir=fov_dir).items()}
-    layout = Layout(paths["out"], paths["prob_dir"], paths["overlay_dir"], paths["metrics"])
-    iter(discover(source))  # raises InputError now rather than after the model has loaded
-    for name in ("truth_dir", "fov_dir"):
-        if paths[name] is not None and not paths[name].is_dir():
-            raise FileNotFoundError(f"--{name.replace('_dir', '')} folder not found: "
-                                    f"{paths[name]}")
-    if write:
-        for folder in [*layout.folders(), layout.metrics_path.parent]:
-            check_writable(folder)
-        check_not_inputs(source, layout)
-    if next(iter(discover(source, exclude=layout.folders())), None) is None:
-        raise InputError(f"no images found in {source}")
+    paths = check_run(source, write, out=out, prob_dir=prob_dir, overlay_dir=overlay_dir,
+                      metrics=metrics, truth_dir=truth_dir, fov_dir=fov_dir)
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, shard=shard, **paths)

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from channel_model import write_channel_onnx
 from click.testing import CliRunner
 from kill_resume import check_folder, make_inputs
 from test_resume import refused
@@ -59,19 +60,23 @@ def masks(folder: Path) -> dict[str, bytes]:
             if not p.name.startswith(".")}
 
 
-def test_ray_run_equals_the_local_run_and_a_rerun_redoes_nothing(ray_instance, tiny_onnx,
-                                                                  tmp_path):
+def test_ray_run_equals_the_local_run_and_a_rerun_redoes_nothing(ray_instance, tmp_path):
+    # The channel model (probability = red / 255): every image's mask is its own, so a
+    # prediction handed to the wrong image in a batch shows.
+    tiny_onnx = write_channel_onnx(tmp_path / "model")
     src, out, local = tmp_path / "in", tmp_path / "out", tmp_path / "local"
     make_inputs(src, 12)
     (src / "broken.png").write_bytes(b"not an image")
-    summary = segment_ray(src, out, model=tiny_onnx, pools=SMALL)
+    summary = segment_ray(src, out, model=tiny_onnx, pools=SMALL, prob_dir=tmp_path / "p")
     assert summary["counts"]["ok"] == 12 and summary["counts"]["error"] == 1
-    assert segment_cli(tiny_onnx, src, local, "-q").exit_code == 1  # the broken file
+    assert segment_cli(tiny_onnx, src, local, "-q", "--prob", str(tmp_path / "local-p")
+                       ).exit_code == 1  # the broken file
     assert masks(out) == masks(local) and len(masks(out)) == 12  # byte for byte: Dice 1.0
+    assert masks(tmp_path / "p") == masks(tmp_path / "local-p")
     assert metrics_rows(out) == metrics_rows(local)  # one per input, the same status each
 
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
-    again = segment_ray(src, out, model=tiny_onnx, pools=SMALL)
+    again = segment_ray(src, out, model=tiny_onnx, pools=SMALL, prob_dir=tmp_path / "p")
     assert again["counts"]["processed"] == 1 and again["counts"]["skipped"] == 12  # the error
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png")} == before
     assert metrics_rows(out) == metrics_rows(local)

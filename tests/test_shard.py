@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from channel_model import write_channel_onnx
 from click.testing import CliRunner
 from kill_resume import (
     KILL_AFTER_FILE,
@@ -59,7 +60,9 @@ def mask_name(rel: str) -> str:
 
 # --- the whole story: three concurrent shards, merge, the same masks as one run ------------
 
-def test_three_concurrent_shards_do_every_input_once_and_merge_to_one_run(tiny_onnx, tmp_path):
+def test_three_concurrent_shards_do_every_input_once_and_merge_to_one_run(tmp_path):
+    # The channel model (probability = red / 255): each mask depends on its own photograph.
+    tiny_onnx = write_channel_onnx(tmp_path / "model")
     src, out, single = tmp_path / "in", tmp_path / "out", tmp_path / "single"
     sizes = make_inputs(src, 24)
     procs = [start(shard_argv(tiny_onnx, src, out, f"{i}/3")) for i in range(3)]

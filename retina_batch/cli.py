@@ -37,6 +37,7 @@ def main():
     retina-batch export runs/x/model.pt --out DIR   ONNX (fp32, fp16) + TensorRT engine
     retina-batch bench                              measure throughput and stage costs
     retina-batch measure MASKS --images DIR         vessel measurements of any masks
+    retina-batch merge ./masks                      one metrics.csv after --shard runs
     """
 
 
@@ -138,7 +139,13 @@ def _canvas_size(ctx, param, value: str) -> int | str:
                    "threshold.")
 @click.option("--json", "as_json", is_flag=True, help="[run] Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress bar or table.")
-def segment(source, as_json, quiet, **options):
+@click.option("--shard", metavar="I/N",
+              help="[scale] Take only shard I of N (0 <= I < N; a stable split by path): N such "
+                   "processes share OUT, then `retina-batch merge OUT`.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="[scale] Run on Ray (the cluster at RAY_ADDRESS, else a local instance); "
+                   "needs pip install 'retina-batch[ray]'.")
+def segment(source, as_json, quiet, shard, use_ray, **options):
     """Segment every fundus photograph in SOURCE into vessel masks.
 
     SOURCE is a folder (walked recursively; the output tree mirrors it), one image, or a
@@ -153,11 +160,12 @@ def segment(source, as_json, quiet, **options):
                  2 usage error, 130 interrupted (what was in flight is written).
     """
     from .backends import BackendUnavailable
+    from .cli_scale import segment_runner
     from .io import InputError
     from .layout import OutputError
-    from .pipeline import segment as run_segment
     from .report import SegmentProgress, print_summary
 
+    run_segment = segment_runner(shard, use_ray, options)
     progress = SegmentProgress(console=err, quiet=quiet or as_json)
     stop = threading.Event()
     previous = _stop_on_signals(stop)
@@ -261,6 +269,10 @@ main.add_command(bench)
 from .cli_measure import measure  # noqa: E402
 
 main.add_command(measure)
+
+from .cli_scale import merge  # noqa: E402
+
+main.add_command(merge)
 
 if __name__ == "__main__":
     main()

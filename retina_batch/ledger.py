@@ -122,10 +122,12 @@ def ledger_files(folder: Path) -> list[Path]:
     return sorted((Path(folder) / LEDGER_DIR).glob("ledger-*.sqlite"))
 
 
-def _connect(path: str | Path, read_only: bool = False) -> sqlite3.Connection:
+def _connect(path: str | Path, read_only: bool = False,
+             any_thread: bool = False) -> sqlite3.Connection:
     if read_only:
-        return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    db = sqlite3.connect(path)
+        return sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True,
+                               check_same_thread=not any_thread)
+    db = sqlite3.connect(path, check_same_thread=not any_thread)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")  # durable against process kills, fsync per checkpoint
     db.execute("PRAGMA cache_size=-16000")  # 16 MB of page cache, whatever the number of rows
@@ -142,16 +144,18 @@ class Ledger:
 
     COMMIT_EVERY, COMMIT_SECONDS = 256, 1.0
 
-    def __init__(self, folder: Path | None, writer: str = "main"):
+    def __init__(self, folder: Path | None, writer: str = "main", any_thread: bool = False):
+        """`any_thread`: used from several threads, one at a time (the caller serialises;
+        Ray runs an actor's calls on threads of its own)."""
         self.folder = Path(folder) if folder is not None else None
-        self.writer = writer
+        self.writer, self._any_thread = writer, any_thread
         if self.folder is None:
             self.path = None
             self.db = _connect(":memory:")
         else:
             self.path = self.folder / LEDGER_DIR / f"ledger-{writer}.sqlite"
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = _connect(self.path)
+            self.db = _connect(self.path, any_thread=any_thread)
         self.db.executescript(_SCHEMA)
         version = self._meta("schema")
         if version is None:
@@ -160,11 +164,34 @@ class Ledger:
             raise RuntimeError(f"{self.path} was written by a newer retina-batch "
                                f"(ledger schema {version}); upgrade retina-batch")
         self.db.commit()
-        self.others = [_connect(p, read_only=True) for p in
-                       (ledger_files(self.folder) if self.folder else []) if p != self.path]
+        self._open_others([p for p in (ledger_files(self.folder) if self.folder else [])
+                           if p != self.path])
         self.run: RunSettings | None = None
         self._uncommitted, self._last_commit = 0, time.monotonic()
         self._settings_stamped = self._view_marked = False
+
+    @classmethod
+    def reader(cls, folder: Path) -> Ledger:
+        """Every ledger file of `folder`, read-only: for `merge`, which writes no ledger (its
+        own part is an empty in-memory one, so it creates no file and owns none)."""
+        ledger = cls(None, writer="merge")
+        ledger.folder = Path(folder)
+        for db in ledger.others:
+            db.close()
+        ledger._open_others(ledger_files(ledger.folder))
+        return ledger
+
+    def _open_others(self, paths: list[Path]) -> None:
+        """The other writers' files, read-only. A file whose writer is still creating it (a
+        shard started at the same moment) has no schema yet and nothing to read: left out."""
+        self.others, self.writers = [], [self.writer]
+        for path in paths:
+            db = _connect(path, read_only=True, any_thread=self._any_thread)
+            if _has_schema(db):
+                self.others.append(db)
+                self.writers.append(writer_of(path))
+            else:
+                db.close()
 
     # --- reading (every ledger file of the folder) -----------------------------------------
     def get(self, key: str) -> Entry | None:
@@ -218,6 +245,12 @@ class Ledger:
                 "SELECT key, recorded_ns, status, row FROM entries ORDER BY key"):
             if status != "pending":
                 yield json.loads(row)
+
+    def current(self) -> Iterator[tuple]:
+        """(key, recorded_ns, status, model_sha256, threshold, writer) of every input's newest
+        entry, in key order: what `merge` checks (settings, which writer left what pending)."""
+        return self._newest("SELECT key, recorded_ns, status, model_sha256, threshold "
+                            "FROM entries ORDER BY key", tagged=True)
 
     def totals(self) -> dict:
         """Inputs of the folder by state: done (ok), failed (error), pending (no result)."""
@@ -283,6 +316,39 @@ class Ledger:
             self._settings_stamped = True
         self.mark_view_stale()
 
+    def absorb(self, path: Path) -> None:
+        """Take over the entries and settings of a writer that is finished for good (a Ray
+        write actor of a run that is over: Ray names them by actor id, so none ever reopens its
+        file), then delete its file, so the folder does not gather one file per actor per run.
+        Where both files hold an input, the newer entry is kept. A kill between the commit and
+        the deletion leaves the same entries in two files: harmless, and absorbed again."""
+        self.commit()
+        name = writer_of(path)
+        if name in self.writers[1:]:  # opened for reading at the start: let go of it first
+            index = self.writers.index(name, 1)
+            self.others.pop(index - 1).close()
+            self.writers.pop(index)
+        probe = _connect(path, read_only=True)
+        readable = _has_schema(probe)
+        probe.close()
+        if readable:
+            self._take_over(path)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    def _take_over(self, path: Path) -> None:
+        self.db.execute("ATTACH DATABASE ? AS finished", (str(path),))
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO entries SELECT f.* FROM finished.entries f LEFT JOIN "
+                "entries m ON m.key = f.key WHERE m.key IS NULL OR f.recorded_ns > m.recorded_ns")
+            self.db.execute("INSERT OR IGNORE INTO settings SELECT * FROM finished.settings")
+            self.db.commit()
+        finally:
+            self.db.execute("DETACH DATABASE finished")
+        self.mark_view_stale()
+        self.commit()
+
     def forget(self, key: str) -> None:
         """Drop this writer's entry for an input (one that no longer exists on disk)."""
         self._write("DELETE FROM entries WHERE key = ?", (key,))
@@ -322,8 +388,11 @@ class Ledger:
 
     def close(self) -> None:
         self.commit()
-        for db in (self.db, *self.others):
+        for db in self.others:
             db.close()
+        if self.path is not None:
+            _self_contained(self.db)
+        self.db.close()
 
     # --- helpers ---------------------------------------------------------------------------
     def relative(self, path: Path) -> str:
@@ -336,10 +405,13 @@ class Ledger:
         return self.db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)).fetchone() \
             is not None
 
-    def _newest(self, sql: str) -> Iterator[tuple]:
+    def _newest(self, sql: str, tagged: bool = False) -> Iterator[tuple]:
         """(key, recorded_ns, ...) rows of every ledger file merged in key order, the newest
-        one per key: O(number of files) memory however many rows."""
+        one per key: O(number of files) memory however many rows. `tagged`: each row ends with
+        the name of the writer whose file holds it."""
         streams = [db.execute(sql) for db in self._all()]
+        if tagged:
+            streams = [_tag(rows, name) for rows, name in zip(streams, self.writers, strict=True)]
         current = None
         for r in heapq.merge(*streams, key=lambda r: r[0]):
             if current is not None and r[0] != current[0]:
@@ -363,6 +435,35 @@ class Ledger:
 
     def _set_meta(self, name: str, value: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+
+def writer_of(path: Path) -> str:
+    """The writer name of a ledger file (ledger-<writer>.sqlite)."""
+    return Path(path).stem.removeprefix("ledger-")
+
+
+def _self_contained(db: sqlite3.Connection) -> None:
+    """Move everything from the WAL into the database file when a writer is done, so that the
+    file alone is the whole ledger, also while another process (a shard's reader) keeps the
+    WAL from being deleted: a reader on another host (merge over a network file system) then
+    finds nothing in a WAL written elsewhere. A no-op when there is nothing to move, so a run
+    refused at the start leaves the file byte for byte as it was."""
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.OperationalError:  # busy: SQLite checkpoints on the last close instead
+        pass
+
+
+def _has_schema(db: sqlite3.Connection) -> bool:
+    try:  # the schema version is stored (and committed) after every table was created
+        return db.execute("SELECT 1 FROM meta WHERE name = 'schema'").fetchone() is not None
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _tag(rows, name: str) -> Iterator[tuple]:
+    for r in rows:
+        yield (*r, name)
 
 
 def relative_to(path: Path, folder: Path) -> str:

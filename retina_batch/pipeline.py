@@ -56,6 +56,7 @@ from .qc import flags, image_quality
 from .records import SCORE_FIELDS, refresh_view
 from .report_html import read_rows, write_report
 from .resume import Plan, open_ledger, plan_run
+from .shard import Shard
 from .summary import RunTally, build_summary, model_identity
 
 
@@ -81,6 +82,7 @@ class Options:
     # Set (e.g. from a signal handler) to stop taking new images: what is in flight is finished,
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
+    shard: Shard | None = None  # only this shard's inputs, its own ledger file (see shard.py)
 
 
 @dataclass
@@ -226,22 +228,27 @@ class Pipeline:
         model_file = str(getattr(self.backend, "model_path", "") or "")
         self.ledger = open_ledger(self.layout, RunSettings(
             self.run_id, self._made_by(model), self.threshold, model_file),
-            write=self.opt.write, overwrite=self.opt.overwrite)
+            write=self.opt.write, overwrite=self.opt.overwrite,
+            writer=self.opt.shard.writer if self.opt.shard else "main")
         try:
             plan = self._process(source, t0)
-            view = refresh_view(self.ledger, self.layout.metrics_path) if self.opt.write \
-                else None
+            view = refresh_view(self.ledger, self.layout.metrics_path) \
+                if self.opt.write and not self.opt.shard else None
             self.tally.counts["skipped"] = plan.done
             summary = build_summary(
                 tally=self.tally, found=plan.found, folder=self.ledger.totals(),
                 wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
                 run_id=self.run_id, threshold=self.threshold, backend=self.backend,
                 model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+            if self.opt.shard:
+                summary["shard"] = {"index": self.opt.shard.index, "count": self.opt.shard.count,
+                                    "writer": self.opt.shard.writer}
             if self.opt.write:
-                if self.opt.report:
+                if self.opt.report and not self.opt.shard:
                     summary["outputs"]["report"] = str(self.layout.out / "report.html")
-                write_json_atomic(self.layout.summary_path, summary)
-                if self.opt.report:
+                write_json_atomic(self.opt.shard.summary_path(self.layout.out) if self.opt.shard
+                                  else self.layout.summary_path, summary)
+                if self.opt.report and not self.opt.shard:
                     write_report(self.layout.out, read_rows(self.layout.metrics_path), summary,
                                  truth=self.opt.truth_dir is not None)
             return summary
@@ -256,7 +263,8 @@ class Pipeline:
             try:
                 plan = plan_run(source, self.layout, self.ledger, self.run_id,
                                 overwrite=self.opt.overwrite, stop=self.stop,
-                                on_refused=self._refuse, started=t0)
+                                on_refused=self._refuse, started=t0,
+                                select=self.opt.shard.contains if self.opt.shard else None)
                 self.on_start(plan)
                 self._feed(self.ledger.queued(self.run_id))
             except KeyboardInterrupt:  # Ctrl-C in a notebook; the CLI sets `stop` instead
@@ -394,7 +402,8 @@ class Pipeline:
 
     def _outputs(self) -> dict:
         layout = self.layout
-        return {"masks": str(layout.out), "metrics": str(layout.metrics_path),
+        return {"masks": str(layout.out),
+                "metrics": None if self.opt.shard else str(layout.metrics_path),
                 "prob": str(layout.prob_dir) if layout.prob_dir else None,
                 "overlay": str(layout.overlay_dir) if layout.overlay_dir else None,
                 "ledger": str(self.ledger.path) if self.ledger.path else None}
@@ -430,29 +439,12 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
-            batch_size: int = 2, workers: int = 0, inflight: int = 2,
-            size: int | str = "auto", tta: bool = False,
-            threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
-            truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
-            on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
-            reduced_decode: bool = True) -> dict:
-    """Segment every image of `source` (folder tree, image, or list file) into `out`.
-
-    Returns the run summary (also written to OUT/summary.json). Raises InputError for an
-    unusable input, BackendUnavailable for a missing runtime/model, OutputError for an output
-    that cannot be written or would overwrite an input, SettingsMismatch for an output folder
-    made with another model or threshold; all of them before any folder is created. Problems
-    with single images become error rows instead. Setting `stop` (from a signal handler or
-    another thread) ends the run early and cleanly. `on_start(plan)` is called once the inputs
-    have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
-    """
-    from .backends import open_backend
+def check_run(source, write: bool, **folders) -> dict[str, Path | None]:
+    """The checks made before a run loads anything or creates any folder (any runner: local,
+    shard, Ray); returns `folders` (out, prob_dir, ...) as Paths."""
     from .io import InputError
 
-    paths = {k: Path(v) if v is not None else None for k, v in dict(
-        out=out, prob_dir=prob_dir, overlay_dir=overlay_dir, metrics=metrics,
-        truth_dir=truth_dir, fov_dir=fov_dir).items()}
+    paths = {k: Path(v) if v is not None else None for k, v in folders.items()}
     layout = Layout(paths["out"], paths["prob_dir"], paths["overlay_dir"], paths["metrics"])
     iter(discover(source))  # raises InputError now rather than after the model has loaded
     for name in ("truth_dir", "fov_dir"):
@@ -465,9 +457,34 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
         check_not_inputs(source, layout)
     if next(iter(discover(source, exclude=layout.folders())), None) is None:
         raise InputError(f"no images found in {source}")
+    return paths
+
+
+def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
+            batch_size: int = 2, workers: int = 0, inflight: int = 2,
+            threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
+            truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
+            on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
+            reduced_decode: bool = True, shard: Shard | None = None,
+            size: int | str = "auto", tta: bool = False) -> dict:
+    """Segment every image of `source` (folder tree, image, or list file) into `out`.
+
+    Returns the run summary (also written to OUT/summary.json). Raises InputError for an
+    unusable input, BackendUnavailable for a missing runtime/model, OutputError for an output
+    that cannot be written or would overwrite an input, SettingsMismatch for an output folder
+    made with another model or threshold; all of them before any folder is created. Problems
+    with single images become error rows instead. Setting `stop` (from a signal handler or
+    another thread) ends the run early and cleanly. `on_start(plan)` is called once the inputs
+    have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
+    `shard`: process only that shard's inputs (shard.py; its summary goes beside its ledger).
+    """
+    from .backends import open_backend
+
+    paths = check_run(source, write, out=out, prob_dir=prob_dir, overlay_dir=overlay_dir,
+                      metrics=metrics, truth_dir=truth_dir, fov_dir=fov_dir)
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
-                      reduced_decode=reduced_decode, **paths)
+                      reduced_decode=reduced_decode, shard=shard, **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         options.size = _size_policy(runner, size)
         runner = FlipTTA(runner) if tta else runner

@@ -60,6 +60,9 @@ def write_metrics_csv(rows, path: Path) -> dict:
 def refresh_view(ledger, path: Path) -> dict:
     """Rewrite metrics.csv from the ledger if it no longer matches it (or is missing); returns
     what the last rewrite saw (rows, folder means against ground truth)."""
-    if ledger.view_stale() or not Path(path).exists() or ledger.last_view() is None:
+    # With other writers' files in the folder (shards, Ray actors) always rewritten: this
+    # writer cannot tell whether they changed since its last view.
+    if getattr(ledger, "others", None) or ledger.view_stale() or not Path(path).exists() \
+            or ledger.last_view() is None:
         ledger.view_written(write_metrics_csv(ledger.rows(), path))
     return ledger.last_view()

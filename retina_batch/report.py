@@ -88,7 +88,8 @@ def print_summary(summary: dict, console: Console) -> None:
     table.add_row("folder", f"{folder['done']} done, {folder['failed']} failed, "
                   f"{folder['pending']} pending")
     table.add_row("masks", summary["outputs"]["masks"])
-    table.add_row("metrics", summary["outputs"]["metrics"])
+    table.add_row("metrics", summary["outputs"]["metrics"] or
+                  "none from a shard: `retina-batch merge OUT` once all shards are done")
     if summary["outputs"].get("report"):
         table.add_row("report", summary["outputs"]["report"])
     if summary["interrupted"]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,17 +39,18 @@ class Plan:
     started: float = 0.0  # time.perf_counter() when the run began: img/s is measured from it
 
 
-def open_ledger(layout: Layout, run: RunSettings, *, write: bool, overwrite: bool) -> Ledger:
+def open_ledger(layout: Layout, run: RunSettings, *, write: bool, overwrite: bool,
+                writer: str = "main") -> Ledger:
     """The output folder's ledger, ready for `run`: started anew with --overwrite, otherwise
     checked against the run's model and threshold (SettingsMismatch), and its metrics view
     brought up to date first if a killed run left it behind. `write=False`: in memory."""
-    ledger = Ledger(layout.out if write else None)
+    ledger = Ledger(layout.out if write else None, writer)
     try:
         if overwrite:
             ledger.reset()
         else:
             check_settings(ledger, layout, run.model_sha256, run.model, run.threshold)
-            if write and ledger.view_stale():
+            if write and writer == "main" and ledger.view_stale():
                 refresh_view(ledger, layout.metrics_path)
     except BaseException:
         ledger.close()
@@ -74,16 +76,20 @@ def _model(name: str | None, sha: str | None) -> str:
 
 
 def plan_run(source, layout: Layout, ledger: Ledger, run_id: str, *, overwrite: bool,
-             stop: threading.Event, on_refused, started: float = 0.0) -> Plan:
+             stop: threading.Event, on_refused, started: float = 0.0,
+             select: Callable[[str], bool] | None = None) -> Plan:
     """Check every input of `source` against the ledger and queue the ones to process.
 
     `on_refused(path, key, output, stat, message)` is called for an input whose output name
-    another input already writes (the caller records its error row)."""
+    another input already writes (the caller records its error row). `select(key)`: only the
+    inputs it accepts are this run's (a shard's); the others are not even counted as found."""
     plan = Plan(started=started)
     for path, rel in discover(source, exclude=layout.folders()):
         if stop.is_set():
             break
         key = rel.as_posix()
+        if select is not None and not select(key):
+            continue
         try:
             st = os.stat(path)
         except OSError:

@@ -21,6 +21,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -39,6 +40,8 @@ if str(TESTS) not in sys.path:
 from tiny import fundus_like  # noqa: E402
 
 PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+# Every writer's ledger (its WAL files stay, emptied, while another process held it open).
+LEDGER_FILE = re.compile(r"^\.retina-batch/ledger-[\w.-]+\.sqlite(-wal|-shm)?$")
 
 
 def make_inputs(src: Path, n: int, seed: int = 0) -> dict[str, tuple[int, int]]:
@@ -164,7 +167,7 @@ def check_folder(src: Path, out: Path, sizes: dict[str, tuple[int, int]]) -> lis
     leftovers = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()
                  and (p.name.startswith(".")
                       or p.suffix not in (".png", ".csv", ".json", ".html"))
-                 and p.relative_to(out).as_posix() != ".retina-batch/ledger-main.sqlite"]
+                 and not LEDGER_FILE.match(p.relative_to(out).as_posix())]
     if leftovers:
         problems.append(f"partial or temporary files left: {leftovers}")
     folder = json.loads((out / "summary.json").read_text())["folder"]

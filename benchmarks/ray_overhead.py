@@ -1,0 +1,81 @@
+"""What running `segment` through Ray Data costs on one machine: the same synthetic photographs
+segmented by the local pipeline and by `--ray` on a local Ray instance, one run each, same model
+and batch size, into fresh output folders. Records the wall time of each, Ray's start-up
+(`ray.init`) separately, whether the masks are byte-identical, and the machine's load before
+and after (a shared machine: compare the ratio within one run, not across runs).
+
+    python benchmarks/ray_overhead.py --images 200 \
+        --json benchmarks/results/<date>-ray-overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import ray
+
+from retina_batch.bench import contention
+from retina_batch.pipeline import segment
+from retina_batch.ray_runner import segment_ray
+from retina_batch.synth import write_synthetic
+
+
+def masks(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*.png")
+            if not p.name.startswith(".")}
+
+
+def timed(run) -> tuple[dict, float]:
+    start = time.perf_counter()
+    summary = run()
+    return summary, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--model", help="default: the shipped model")
+    parser.add_argument("--json", type=Path, help="write the result here")
+    args = parser.parse_args()
+    result = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "images": args.images, "size": args.size, "batch_size": args.batch_size,
+              "model": args.model or "shipped", "cpus": os.cpu_count(),
+              "contention_start": contention()}
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
+        tmp = Path(tmp)
+        write_synthetic(tmp / "in", args.images, (args.size, args.size), "jpg", seed=0)
+        local, local_s = timed(lambda: segment(tmp / "in", tmp / "local", model=args.model,
+                                               batch_size=args.batch_size))
+        _, init_s = timed(lambda: ray.init(include_dashboard=False, log_to_driver=False,
+                                           logging_level="error") and {})
+        on_ray, ray_s = timed(lambda: segment_ray(tmp / "in", tmp / "ray", model=args.model,
+                                                  batch_size=args.batch_size))
+        ray.shutdown()
+        same = masks(tmp / "local") == masks(tmp / "ray")
+    result.update({
+        "local": {"wall_s": round(local_s, 2), "images_per_second": local["images_per_second"],
+                  "ok": local["counts"]["ok"]},
+        "ray_init_s": round(init_s, 2),
+        "ray": {"wall_s": round(ray_s, 2), "images_per_second": on_ray["images_per_second"],
+                "ok": on_ray["counts"]["ok"], "pools": on_ray["settings"]["ray"]},
+        "ray_wall_over_local": round(ray_s / local_s, 3),
+        "ray_with_init_over_local": round((ray_s + init_s) / local_s, 3),
+        "masks_identical": same,
+        "contention_end": contention(),
+    })
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

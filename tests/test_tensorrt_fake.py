@@ -121,6 +121,14 @@ class FakeCuda:
     def cudaStreamWaitEvent(self, stream, event, flags):
         return self._ok()
 
+    # Event flags as in the CUDA runtime (cudaEventDefault, BlockingSync, DisableTiming); the
+    # fake records which flags each event was made with.
+    cudaEventDefault, cudaEventBlockingSync, cudaEventDisableTiming = 0, 1, 2
+
+    def cudaEventCreateWithFlags(self, flags):
+        self.event_flags = [*getattr(self, "event_flags", []), int(flags)]
+        return self.cudaEventCreate()
+
     def cudaEventCreate(self):
         return self._handle()
 

@@ -345,9 +345,15 @@ def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device
                 batch_size: int = 2, workers: int = 0, threshold: float | None = None,
                 prob_dir=None, overlay_dir=None, metrics=None, truth_dir=None, fov_dir=None,
                 overwrite: bool = False, on_row=None, on_open=None, on_start=None,
-                stop: threading.Event | None = None, pools: Pools | None = None) -> dict:
+                stop: threading.Event | None = None, pools: Pools | None = None,
+                size: int | str = "auto", tta: bool = False) -> dict:
     """pipeline.segment on Ray: same arguments (`workers` is Ray's to choose: unused), same
-    outputs and summary, same errors. `pools`: actor counts (default: from the cluster)."""
+    outputs and summary, same errors. `pools`: actor counts (default: from the cluster).
+    Every photograph goes on the model's working canvas (one tensor shape per actor batch):
+    `--size N` and `--tta` are refused rather than ignored."""
+    if tta or size not in ("auto", None):
+        raise BackendUnavailable("--ray runs every photograph on the model's working canvas: "
+                                 "drop --tta and --size, or run without --ray")
     paths = check_run(source, True, out=out, prob_dir=prob_dir, overlay_dir=overlay_dir,
                       metrics=metrics, truth_dir=truth_dir, fov_dir=fov_dir)
     if backend == "auto":

@@ -190,8 +190,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--within", type=float, default=3.0,
-                        help="kill up to this many seconds after the first mask appears")
+    parser.add_argument("--within", type=float,
+                        help="kill up to this many seconds after the run's first mask "
+                             "(default: anywhere in the first 80%% of its expected duration)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="default: the shipped model")
     args = parser.parse_args()
@@ -201,7 +202,9 @@ def main() -> int:
         sizes = make_inputs(src, args.images, args.seed)
         argv = segment_argv(args.model, src, out)
         for i in range(args.kills):
-            print(f"run {i + 1}: {kill_at_random(start(argv), out, rng, args.within)}")
+            todo = len(sizes) - (masks_written(out) if out.is_dir() else 0)
+            outcome = kill_at_random(start(argv), out, rng, args.within, todo)
+            print(f"run {i + 1}: {outcome}")
         proc = start(argv)
         _, stderr = proc.communicate(timeout=3600)
         print(f"final run: exit {proc.returncode}")

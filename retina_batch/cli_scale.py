@@ -36,7 +36,8 @@ def segment_runner(shard: str | None, use_ray: bool, options: dict):
         try:
             from .ray_runner import segment_ray
         except ImportError as e:
-            fail(f"--ray needs Ray Data ({e.name} is missing): pip install 'retina-batch[ray]'")
+            fail(f"--ray needs Ray Data ({e.name or 'ray'} is missing): "
+                 "pip install 'retina-batch[ray]'")
         return segment_ray
     return segment
 

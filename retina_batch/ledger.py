@@ -2,7 +2,10 @@
 
 Layout inside the output folder OUT:
 
-    OUT/.retina-batch/ledger-<writer>.sqlite    one file per writer process ('main' today)
+    OUT/.retina-batch/ledger-<writer>.sqlite    one file per writer process: 'main' (a plain
+                                                run, the Ray driver), 'shard-I-of-N' (--shard),
+                                                'ray-<actor id>' (a Ray write actor; folded
+                                                into 'main' by `absorb` when its run is over)
 
 A writer process owns exactly one ledger file and is the only process that ever writes it;
 readers (resume checks, totals, the metrics.csv view, the settings check) read every

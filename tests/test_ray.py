@@ -18,8 +18,10 @@ from kill_resume import check_folder, make_inputs
 from test_resume import refused
 from test_segment import rows_of, segment_cli
 
-ray = pytest.importorskip("ray", reason="the Ray tests need pip install 'retina-batch[ray]'")
-pytest.importorskip("ray.data", reason="the Ray tests need Ray Data: 'retina-batch[ray]'")
+ray = pytest.importorskip("ray", reason="the Ray tests need pip install 'retina-batch[ray]'",
+                          exc_type=ImportError)
+pytest.importorskip("ray.data", reason="the Ray tests need Ray Data: 'retina-batch[ray]'",
+                    exc_type=ImportError)
 
 from retina_batch.cli import main  # noqa: E402
 from retina_batch.ledger import LEDGER_DIR  # noqa: E402

@@ -202,3 +202,24 @@ def test_a_fixed_size_graph_fails_a_profile_over_several_canvases():
                      shapes={"x": ((1, 64, 64, 3), (2, 64, 64, 3), (4, 128, 128, 3))})
     assert [p.split(" is fixed")[0] for p in problems] == ["input 'x' axis 1", "input 'x' axis 2"]
     assert "fixed at 64 but the profile asks 64..128" in problems[0]
+
+
+def test_export_refuses_a_graph_that_breaks_the_rules(tmp_path, monkeypatch):
+    """Wired into export: a violation ends the export with exit 1 and the rule's words, after
+    the ONNX files are written (for inspection)."""
+    pytest.importorskip("torch")
+    from click.testing import CliRunner
+    from tiny import write_tiny_checkpoint
+
+    from retina_batch import graph_rules
+    from retina_batch.cli import main
+
+    monkeypatch.setattr(graph_rules, "check_tensorrt_parsable",
+                        lambda path, shapes=None: ["uint8 input 'images' feeds Transpose"])
+    checkpoint = write_tiny_checkpoint(tmp_path / "run")
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(tmp_path / "o"),
+                                       "--no-engine", "--parity-count", "1"])
+    assert result.exit_code == 1
+    assert "breaks the ONNX-TensorRT parser's rules: uint8 input 'images' feeds Transpose" \
+        in " ".join(result.stderr.split())
+    assert (tmp_path / "o" / "model.onnx").is_file()

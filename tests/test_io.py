@@ -288,3 +288,18 @@ def test_jpeg_header_walks_past_fill_bytes_standalone_markers_and_long_segments(
     assert jpeg_header(np.frombuffer(walked, np.uint8)) == ((40, 30), 6)
     # Cut before its frame header: not a size, and no exception.
     assert jpeg_header(np.frombuffer(walked[:200], np.uint8)) is None
+
+
+def test_decode_turns_and_sizes_an_exif_jpeg_on_both_paths(tmp_path):
+    """Stored 40 x 30, tagged 'turn 90 degrees clockwise': shown 30 wide, 40 high, whether
+    decoded whole or at 1/2 size (40 / 2 = 20 >= 1.2 x 10). Pixels: test_geometry.py."""
+    path = tmp_path / "sideways.jpg"
+    path.write_bytes(exif_jpeg(6).tobytes())
+    img, size, factor = decode(path)
+    assert (img.shape[:2], size, factor) == ((40, 30), (30, 40), 1)
+    img, size, factor = decode(path, 10)
+    assert (img.shape[:2], size, factor) == ((20, 15), (30, 40), 2)
+    path.write_bytes(exif_jpeg(1).tobytes())
+    img, size, factor = decode(path, 10)
+    assert (img.shape[:2], size, factor) == ((15, 20), (40, 30), 2)
+    assert reduction_for((48, 30), 20) == 2  # 48 / 2 == 1.2 x 20: the boundary is inclusive

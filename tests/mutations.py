@@ -55,11 +55,13 @@ class Mutation:
 
 
 PIPELINE = "retina_batch/pipeline.py"
-PIPELINE_TESTS = ("tests/test_segment.py",)  # the lead adds the ledger's test files here
+PIPELINE_TESTS = ("tests/test_segment.py", "tests/test_resume.py", "tests/test_faults.py",
+                  "tests/test_default_model.py")
 
 MUTATIONS = (
     # --- the ten of issue 9's table, in its order -----------------------------------------
-    # Pipeline entries target the pre-ledger pipeline; retarget them when it changes.
+    # Pipeline entries target the ledger-era pipeline (Pipeline.__init__/_take_inferred/finish,
+    # resume.plan_run); retarget them when it changes.
     Mutation("threshold-fallback-0.5", "masks made at 0.5 instead of the card's threshold",
              (Edit(PIPELINE, "Pipeline.__init__", "backend.threshold", "0.5"),),
              PIPELINE_TESTS),
@@ -75,12 +77,12 @@ MUTATIONS = (
                    "roc_auc(prob, truth, fov)", "roc_auc(prob, truth)")),
              ("tests/test_metrics.py",)),
     Mutation("unletterbox-one-row-lower", "probabilities land one canvas row (2-11 px) off",
-             (Edit("retina_batch/preprocess.py", "unletterbox",
+             (Edit("retina_batch/preprocess.py", "_back_to_box",
                    "canvas_map[py0:py1, px0:px1]", "canvas_map[py0 + 1:py1 + 1, px0:px1]"),),
              ("tests/test_preprocess.py",)),
     Mutation("reduced-decode-integer-scale", "masks shifted and shrunk on sizes not /8",
-             (Edit("retina_batch/preprocess.py", "letterbox", "orig_w / w", "orig_w // w"),
-              Edit("retina_batch/preprocess.py", "letterbox", "orig_h / h", "orig_h // h")),
+             (Edit("retina_batch/preprocess.py", "plan_letterbox", "orig_w / w", "orig_w // w"),
+              Edit("retina_batch/preprocess.py", "plan_letterbox", "orig_h / h", "orig_h // h")),
              ("tests/test_preprocess.py", "tests/test_geometry.py")),
     # Issue 9 found the reduced path honouring EXIF while the full path did not; the rule is
     # now that both honour it (io.decode), so the mistake is one path ignoring it.
@@ -92,13 +94,14 @@ MUTATIONS = (
              (Edit("retina_batch/io.py", "write_atomic",
                    'path.with_name(f".{path.name}.partial")', "path"),),
              ("tests/test_io.py",) + PIPELINE_TESTS),
+    # Before the ledger, "done" meant "the mask file exists", so writing the mask before the
+    # prob made a failed prob write permanent. The ledger now records an image only after all
+    # its files are written (write order no longer matters: that edit is an equivalent mutant);
+    # the same user-visible mistake today is a resume check that looks at the mask alone.
     Mutation("mask-written-before-prob", "a failed --prob write is never redone on resume",
-             (Edit(PIPELINE, "Pipeline._write",
-                   'write_atomic(self.opt.out / name, encode(".png", mask.astype(np.uint8) * 255))',
-                   "pass"),
-              Edit(PIPELINE, "Pipeline._write", 'name = item.rel.with_suffix(".png")',
-                   'name = item.rel.with_suffix(".png"); write_atomic(self.opt.out / name, '
-                   'encode(".png", mask.astype(np.uint8) * 255))')),
+             (Edit("retina_batch/resume.py", "plan_run",
+                   "ledger.done(entry, st.st_size, st.st_mtime_ns, wanted)",
+                   'ledger.done(entry, st.st_size, st.st_mtime_ns, {"mask": wanted["mask"]})'),),
              PIPELINE_TESTS),
     Mutation("backend-failure-reraised", "one failed batch aborts the whole run",
              (Edit(PIPELINE, "Pipeline._take_inferred",
@@ -115,7 +118,7 @@ MUTATIONS = (
                    "_decoded(data, cv2.IMREAD_UNCHANGED, 1)"),),
              ("tests/test_io.py", "tests/test_geometry.py")),
     Mutation("fov-mask-not-applied", "vessels predicted outside the field of view",
-             (Edit(PIPELINE, "Pipeline.finish", "prob *= fov", "pass"),),
+             (Edit("retina_batch/preprocess.py", "threshold_in_fov", "mask &= fov", "pass"),),
              ("tests/test_geometry.py",) + PIPELINE_TESTS),
     Mutation("metrics-fp-fn-swapped", "sensitivity and specificity computed wrongly",
              (Edit("retina_batch/metrics.py", "Confusion.of",

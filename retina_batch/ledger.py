@@ -269,13 +269,20 @@ class Ledger:
         return {"done": counts["ok"], "failed": counts["error"], "pending": counts["pending"]}
 
     def settings(self) -> list[dict]:
-        """Every (model, threshold) that made the folder's ok rows (all ledger files)."""
+        """Every (model, threshold) that made the folder's current ok rows. With one ledger file
+        its settings table says so; with several, only what made each input's newest entry
+        counts: a shard's --overwrite redoes its inputs without touching the other writers'
+        files, and once every input is redone the old settings made nothing that is left."""
         found = {}
         for db in self._all():
             for sha, threshold, model in db.execute(
                     "SELECT model_sha256, threshold, model FROM settings"):
                 found[(sha, threshold)] = {"model_sha256": sha, "threshold": threshold,
                                            "model": model}
+        if self.others:
+            live = {(sha, threshold) for _key, _ns, status, sha, threshold, _writer
+                    in self.current() if status == "ok"}
+            found = {k: v for k, v in found.items() if k in live}
         return sorted(found.values(), key=lambda s: (s["model_sha256"] or "", s["threshold"]))
 
     # --- writing (this writer's file only) ----------------------------------------------------

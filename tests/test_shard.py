@@ -214,6 +214,23 @@ def test_another_threshold_in_another_shard_is_refused_and_merge_refuses_a_mix(t
     assert {r["threshold"] for r in rows_of(out / "metrics.csv")} == {"0.3"}
 
 
+def test_shards_that_redo_every_input_with_overwrite_free_the_folder_for_plain_runs(
+        tiny_onnx, tmp_path):
+    """A plain run's ledger still lists threshold 0.5 after both shards redid their inputs at
+    0.3 with --overwrite (a shard resets only its own file): only what made the current rows
+    counts, so a plain run at 0.3 resumes, and one at 0.5 is refused."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    for i in range(6):
+        write(src / f"{i}.png", fundus_like(70, 60, seed=i))
+    finish(segment_argv(tiny_onnx, src, out))
+    for i in range(2):
+        finish(shard_argv(tiny_onnx, src, out, f"{i}/2", "--threshold", "0.3", "--overwrite"))
+    result = segment_cli(tiny_onnx, src, out, "--threshold", "0.3", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"]["skipped"] == 6
+    refused(segment_cli(tiny_onnx, src, out), "threshold 0.3", "threshold 0.5")
+
+
 # --- merge on its own, and plain runs in a sharded folder ---------------------------------
 
 def test_merge_of_a_folder_without_a_ledger_is_a_usage_error(tmp_path):

@@ -98,7 +98,7 @@ MUTATIONS = (
     # prob made a failed prob write permanent. The ledger now records an image only after all
     # its files are written (write order no longer matters: that edit is an equivalent mutant);
     # the same user-visible mistake today is a resume check that looks at the mask alone.
-    Mutation("mask-written-before-prob", "a failed --prob write is never redone on resume",
+    Mutation("mask-written-before-prob", "a --prob/--overlay file missing on disk is never made",
              (Edit("retina_batch/resume.py", "plan_run",
                    "ledger.done(entry, st.st_size, st.st_mtime_ns, wanted)",
                    'ledger.done(entry, st.st_size, st.st_mtime_ns, {"mask": wanted["mask"]})'),),

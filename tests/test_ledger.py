@@ -135,6 +135,21 @@ def test_readers_read_every_writers_file_and_believe_the_newest_entry(tmp_path):
         reader.others[0].execute("DELETE FROM entries")
 
 
+def test_a_writers_file_without_its_schema_yet_is_left_out(tmp_path):
+    """A shard that has just created its file (zero bytes, no tables yet) while another process
+    opens the folder: the reader leaves that file out instead of failing on it."""
+    main = run(Ledger(tmp_path), "r1")
+    put(main, tmp_path, "a")
+    main.close()
+    newborn = ledger_files(tmp_path)[0].with_name("ledger-shard-0-of-2.sqlite")
+    newborn.touch()
+    reader = Ledger(tmp_path, writer="shard-1-of-2")
+    assert reader.writers == ["shard-1-of-2", "main"]
+    assert [r["path"] for r in reader.rows()] == ["/in/a"]
+    assert reader.totals() == {"done": 1, "failed": 0, "pending": 0}
+    reader.close()
+
+
 def test_reset_forgets_this_writers_results(tmp_path):
     ledger = run(Ledger(tmp_path))
     put(ledger, tmp_path, "a")

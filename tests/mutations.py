@@ -122,6 +122,25 @@ MUTATIONS = (
                    "cls(tp, fp, fn, int(pred.size) - tp - fp - fn)",
                    "cls(tp, fn, fp, int(pred.size) - tp - fp - fn)"),),
              ("tests/test_metrics.py",)),
+    # --- the GPU-resident flow (pixel_work.py), checked on CPU torch ---------------------
+    Mutation("device-flow-never-chosen", "--pixel-work device / auto on a GPU runs on the host",
+             (Edit("retina_batch/pixel_work.py", "choose",
+                   'setting == "device" or (setting == "auto" and offered and on_gpu)',
+                   "False"),),
+             ("tests/test_pixel_work.py",)),
+    Mutation("device-threshold-shifted", "device masks cut at another threshold",
+             (Edit("retina_batch/pixel_work.py", "DevicePixels.submit", "self.threshold",
+                   "self.threshold + 0.05"),),
+             ("tests/test_pixel_work.py",)),
+    Mutation("device-fov-is-the-mask", "measurements made with the mask as the FOV",
+             (Edit("retina_batch/backends/torch.py", "TorchBackend._finish",
+                   "[d.fov for d in done]", "[d.mask for d in done]"),),
+             ("tests/test_pixel_work.py",)),
+    Mutation("device-plan-at-decoded-size", "reduced-decode masks at the decoded size",
+             (Edit("retina_batch/pixel_work.py", "DevicePixels.place",
+                   "plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, size)",
+                   "plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas)"),),
+             ("tests/test_pixel_work.py",)),
 )
 
 

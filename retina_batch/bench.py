@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BackendUnavailable
 from .pipeline import Item, Options, Pipeline
 from .records import STAGES
 from .summary import software_versions
@@ -345,7 +346,11 @@ def _in_subprocess(job: dict, on_progress=None) -> dict:
         stderr = proc.stderr.read()
         if proc.wait() != 0 or not result_file.exists():
             tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            raise BenchError(f"{job['mode']} run failed: {tail[0]}")
+            # A usage error raised in the worker (BackendUnavailable: ...) reads as the same
+            # one line `segment` prints, without the traceback's qualified class name.
+            usage = tail[0].startswith(f"{BackendUnavailable.__module__}.BackendUnavailable: ")
+            raise BenchError(tail[0].split(": ", 1)[1] if usage
+                             else f"{job['mode']} run failed: {tail[0]}")
         return json.loads(result_file.read_text())
 
 

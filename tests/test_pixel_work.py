@@ -242,3 +242,17 @@ def test_pixel_work_device_with_another_backend_is_a_usage_error(tiny_onnx, tmp_
     assert result.exit_code == 2
     assert "--pixel-work device needs --backend torch" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "out" / "a.png").exists()
+
+
+def test_bench_pixel_work_device_with_no_model_is_one_usage_line(tmp_path):
+    """The refusal happens in bench's worker process: it still ends as `segment`'s line."""
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--synthetic", "2", "--size", "96x96",
+                                       "--backend", "none", "--pixel-work", "device",
+                                       "--repeat", "1", "--no-naive", "-q"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --pixel-work device needs --backend torch")
+    assert "BackendUnavailable" not in result.output

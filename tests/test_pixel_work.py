@@ -126,14 +126,16 @@ def assert_same_results(src: Path, host_out: Path, device_out: Path, images: int
 
 
 def test_device_pixel_work_gives_the_host_paths_masks_rows_and_ledger(tmp_path, spy):
-    truth = tmp_path / "truth"
+    truth, fov = tmp_path / "truth", tmp_path / "fov"
     src = synthetic_inputs(tmp_path / "in", truth)
+    # one FOV from a file (the device gets the full mask, not a thumbnail): a smaller circle
+    write(fov, "grows.png", cv2.circle(np.zeros((90, 100), np.uint8), (50, 45), 35, 255, -1))
     summaries = {}
     for flow in ("host", "device"):
         spy.clear()
         folder = tmp_path / flow  # the same layout under each: equal relative outputs
         summaries[flow] = run(src, folder / "masks", flow, prob_dir=folder / "prob",
-                              overlay_dir=folder / "overlay", truth_dir=truth)
+                              overlay_dir=folder / "overlay", truth_dir=truth, fov_dir=fov)
         assert summaries[flow]["settings"]["pixel_work"] == flow
         # The device flow really ran segment_decoded, every good image through it, in batches
         assert sum(spy) == (4 if flow == "device" else 0) and max(spy, default=2) == 2
@@ -151,6 +153,8 @@ def test_device_pixel_work_gives_the_host_paths_masks_rows_and_ledger(tmp_path, 
                     for flow in ("host", "device")]
         assert overlays[0].shape == overlays[1].shape
     rows = {r["path"]: r for r in Ledger.reader(tmp_path / "device" / "masks").rows()}
+    grows = next(r for r in rows.values() if r["path"].endswith("grows.png"))
+    assert grows["fov_area"] == np.count_nonzero(cv2.imread(str(fov / "grows.png"), 0))
     scored = [r for r in rows.values() if r.get("dice") not in (None, "")]
     assert len(scored) == 4 and all(r["dice"] > 0.2 for r in scored)
 

@@ -70,7 +70,7 @@ def run(src: Path, out: Path, pixel_work: str, batch_size: int = 2, **options) -
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """One intra-op thread: on a loaded 2-core machine torch's OpenMP threads wait on each
-    other for seconds per batch (measured: 70 s for one 128 px batch under load 15)."""
+    other for seconds per batch (seen once with two: 70 s for one 128 px batch, load 15)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

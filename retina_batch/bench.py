@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import BackendUnavailable
 from .pipeline import Item, Options, Pipeline
 from .records import STAGES
 from .summary import software_versions
@@ -153,7 +154,8 @@ def _run_pipeline(runner, job: dict, out: Path, progress) -> dict:
 
     options = Options(out=out / "masks", metrics=out / "metrics.csv", workers=job["workers"],
                       inflight=job["inflight"], write=job["write"], overwrite=True,
-                      reduced_decode=job["reduced_decode"], report=False)
+                      reduced_decode=job["reduced_decode"], report=False,
+                      pixel_work=job["pixel_work"])
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     summary = _TimedPipeline(runner, options, on_row).run(job["source"])
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
@@ -175,7 +177,8 @@ def _run_naive(runner, job: dict, out: Path, progress) -> dict:
     from .io import discover
 
     pipe = Pipeline(runner, Options(out=out / "masks", write=job["write"],
-                                    reduced_decode=job["reduced_decode"], overwrite=True))
+                                    reduced_decode=job["reduced_decode"], overwrite=True,
+                                    pixel_work="host"))  # it hands canvases to `infer`
     rows, latencies = _Rows(), []
     level, threads = cv2.utils.logging.getLogLevel(), cv2.getNumThreads()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
@@ -216,7 +219,7 @@ def _pure_batches(runner, job: dict) -> list[np.ndarray]:
     from .io import discover
 
     pipe = Pipeline(runner, Options(out=Path(tempfile.gettempdir()), write=False,
-                                    reduced_decode=job["reduced_decode"]))
+                                    reduced_decode=job["reduced_decode"], pixel_work="host"))
     canvases = []
     for path, rel in discover(job["source"]):
         item = pipe.load(Item(Path(path), Path(rel)))
@@ -321,12 +324,12 @@ def contention() -> dict:
 
 
 def _job(mode: str, source: Path, images: int, config: Config, *, backend, model, device,
-         repeat, inflight, write, pure_images, pure_repeat) -> dict:
+         repeat, inflight, write, pure_images, pure_repeat, pixel_work="auto") -> dict:
     return {"mode": mode, "source": str(source), "images": images, "backend": backend,
             "model": str(model) if model else None, "device": device,
             "batch_size": config.batch_size, "workers": config.workers, "inflight": inflight,
             "reduced_decode": config.reduced_decode, "repeat": repeat, "write": write,
-            "pure_images": pure_images, "pure_repeat": pure_repeat}
+            "pure_images": pure_images, "pure_repeat": pure_repeat, "pixel_work": pixel_work}
 
 
 def _in_subprocess(job: dict, on_progress=None) -> dict:
@@ -343,7 +346,11 @@ def _in_subprocess(job: dict, on_progress=None) -> dict:
         stderr = proc.stderr.read()
         if proc.wait() != 0 or not result_file.exists():
             tail = stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            raise BenchError(f"{job['mode']} run failed: {tail[0]}")
+            # A usage error raised in the worker (BackendUnavailable: ...) reads as the same
+            # one line `segment` prints, without the traceback's qualified class name.
+            usage = tail[0].startswith(f"{BackendUnavailable.__module__}.BackendUnavailable: ")
+            raise BenchError(tail[0].split(": ", 1)[1] if usage
+                             else f"{job['mode']} run failed: {tail[0]}")
         return json.loads(result_file.read_text())
 
 
@@ -373,7 +380,8 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
         result = {"config": {"batch_size": config.batch_size,
                              "workers": runs[0]["settings"]["workers"],
                              "inflight": runs[0]["settings"]["inflight"],
-                             "reduced_decode": config.reduced_decode}, **result,
+                             "reduced_decode": config.reduced_decode,
+                             "pixel_work": runs[0]["settings"]["pixel_work"]}, **result,
                   "pure_inference_ips": pure, "pure_inference_images": raw["pure"]["images"],
                   "efficiency": round(ips / pure, 3) if pure else None,
                   "speedup_vs_naive": round(ips / naive_ips, 3) if naive_ips else None}
@@ -407,14 +415,15 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
           inflight: int = 2, write: bool = True, reduced_decode=(True,), naive: bool = True,
           naive_reduced_decode: bool | None = None, pure_images: int = 32,
           pure_repeat: int | None = None, isolate: bool = True, on_progress=None,
-          on_result=None) -> dict:
+          on_result=None, pixel_work: str = "auto") -> dict:
     """Measure the pipeline on `source` (folder, image or list) or on `synthetic` generated
     images of `size`, for every batch size x workers x reduced_decode; returns the record.
 
     write=True writes masks to a temporary folder (deleted after), False runs every stage but
     the file writes. isolate=False measures in this process (faster to start; peak RSS is
     then the whole process's). on_progress(label, done, total) and on_result(label, result)
-    report as it goes.
+    report as it goes. pixel_work: the pipeline's (segment's --pixel-work); the naive loop
+    and the backend-only figure always use canvases made on the host.
     """
     from .io import discover
 
@@ -438,12 +447,12 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
         run = _in_subprocess if isolate else _in_process
         common = dict(backend=backend, model=model, device=device, repeat=repeat,
                       inflight=inflight, write=write, pure_images=pure_images,
-                      pure_repeat=pure_repeat or repeat)
+                      pure_repeat=pure_repeat or repeat, pixel_work=pixel_work)
         record = {"started": started, "machine": machine_info(), "input": {
             **info, "synthetic": synthetic is not None, "seed": seed if synthetic else None},
             "settings": {"repeat": repeat, "write": write, "isolated": isolate,
                          "pure_images": pure_images, "pure_repeat": pure_repeat or repeat,
-                         "inflight": inflight},
+                         "inflight": inflight, "pixel_work": pixel_work},
             "contention_before": load_before}
         naive_ips = None
         if naive:

@@ -23,6 +23,7 @@ from .cli_common import (
     err,
     fail,
     model_options,
+    pixel_work_option,
 )
 
 
@@ -134,6 +135,7 @@ def _canvas_size(ctx, param, value: str) -> int | str:
               help="[speed] Images per backend call.")
 @click.option("--workers", default=0, type=click.IntRange(0, 256),
               help="[speed] Decode and writer threads (0: one per core).")
+@pixel_work_option
 @click.option("--overwrite", is_flag=True,
               help="[run] Redo every image, also into a folder made with another model or "
                    "threshold.")

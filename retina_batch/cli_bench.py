@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .cli_common import EXIT_INTERRUPTED, bench_model_options, err, fail
+from .cli_common import EXIT_INTERRUPTED, bench_model_options, err, fail, pixel_work_option
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -95,6 +95,7 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               type=click.Choice(["reduced", "full", "both"]),
               help="[matrix] JPEG decoding at reduced size when large (as segment), full size, "
                    "or both for the comparison.")
+@pixel_work_option
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 100),
               help="[run] Runs per configuration; the median is reported.")
 @click.option("--output", default="tmp", show_default=True, type=click.Choice(["tmp", "discard"]),
@@ -104,7 +105,7 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               help="[run] Write the full record (machine, settings, every figure) here.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress or table.")
 def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, workers, decode,
-          repeat, output, no_naive, json_path, quiet):
+          pixel_work, repeat, output, no_naive, json_path, quiet):
     """Measure the segment pipeline: images/s, stage costs, latency, memory, CPU.
 
     Runs the real pipeline on SOURCE (folder, image or list) or on --synthetic N generated
@@ -145,7 +146,7 @@ def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, wor
                                workers=_int_list("--workers", workers, 0), repeat=repeat,
                                write=output == "tmp", reduced_decode=reduced,
                                naive=not no_naive, on_progress=on_progress,
-                               on_result=on_result)
+                               on_result=on_result, pixel_work=pixel_work)
     except (InputError, BackendUnavailable, BenchError, ValueError) as e:
         fail(str(e))
     except OSError as e:

@@ -48,3 +48,14 @@ def bench_model_options(command):
     return model_options(command, (*BACKENDS, "none"),
                          "[model] Runtime; none = no inference (zero maps), to measure the "
                          "host's cost per image (host_ms_per_image).")
+
+
+def pixel_work_option(command):
+    """--pixel-work: where the per-pixel work between decode and mask runs (pixel_work.py)."""
+    return click.option(
+        "--pixel-work", default="auto", show_default=True,
+        type=click.Choice(["auto", "host", "device"]),
+        help="[speed] Where letterbox, resize back, threshold and FOV masking run: host "
+             "(OpenCV, any backend), device (the torch backend's device: each decoded "
+             "photograph goes there once, its mask comes back), auto (device when that is a "
+             "CUDA GPU, else host).")(command)

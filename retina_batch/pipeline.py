@@ -43,15 +43,8 @@ from .layout import Layout, check_not_inputs, check_writable
 from .ledger import RunSettings, relative_to
 from .measure import measure_mask
 from .metrics import evaluate_image
-from .preprocess import (
-    FieldOfView,
-    canvas_sizes,
-    choose_canvas,
-    detect_fov,
-    letterbox,
-    threshold_in_fov,
-    to_rgb8,
-)
+from .pixel_work import choose as choose_pixel_work
+from .preprocess import FieldOfView, canvas_sizes, choose_canvas, detect_fov, to_rgb8
 from .qc import flags, image_quality
 from .records import SCORE_FIELDS, refresh_view
 from .report_html import read_rows, write_report
@@ -83,6 +76,7 @@ class Options:
     # written and recorded, then the run returns its summary with interrupted = True.
     stop: threading.Event | None = None
     shard: Shard | None = None  # only this shard's inputs, its own ledger file (see shard.py)
+    pixel_work: str = "auto"  # where letterbox .. threshold run: auto, host, device (pixel_work)
 
 
 @dataclass
@@ -93,7 +87,8 @@ class Item:
     rel: Path
     row: dict = field(default_factory=dict)
     image: np.ndarray | None = None  # decoded RGB; kept only when an overlay is wanted
-    canvas: np.ndarray | None = None
+    canvas: np.ndarray | None = None  # what the backend is given: the letterboxed canvas, or
+    # the decoded photograph when the pixel work runs on the device (pixel_work.py)
     letterbox: object = None
     fov: FieldOfView | None = None
     truth: Path | None = None
@@ -127,6 +122,8 @@ class Pipeline:
         self.tally = RunTally()
         self.policy = options.size or backend.size
         self.sizes = canvas_sizes(backend.size, self.policy)
+        self.pixels = choose_pixel_work(backend, options.pixel_work, self.threshold,
+                                        lambda item: bool(options.prob_dir or item.truth))
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_id = f"{stamp}-{secrets.token_hex(3)}"  # unique even for runs a second apart
 
@@ -146,7 +143,7 @@ class Pipeline:
         try:
             fov = self._fov(item, rgb)
             canvas = choose_canvas((width, height), self.backend.size, self.policy)
-            item.canvas, item.letterbox = letterbox(rgb, fov.box, canvas, (width, height))
+            self.pixels.place(item, rgb, fov.box, canvas, (width, height))
             item.row["canvas"] = canvas
             item.row.update(image_quality(rgb, fov.mask))
             item.fov = fov
@@ -167,12 +164,13 @@ class Pipeline:
             raise ValueError(f"FOV mask {item.fov_file.name} is empty")
         return FieldOfView(mask, (x, y, x + w, y + h), True)
 
-    def finish(self, item: Item, canvas_prob: np.ndarray) -> Item:
-        """Back to the original size, threshold, FOV, write, score. Never raises."""
+    def finish(self, item: Item, result) -> Item:
+        """Back to the original size, threshold, FOV (unless the backend's device did: see
+        pixel_work), measure, write, score. `result`: the backend's for this image. Never
+        raises."""
         row, start, stage = item.row, time.perf_counter(), "postprocess"
         try:
-            done = threshold_in_fov(canvas_prob, item.letterbox, item.fov.mask, self.threshold,
-                                    keep_prob=bool(self.opt.prob_dir or item.truth))
+            done = self.pixels.masked(item, result)
             prob, mask, fov, fov_area = done.prob, done.mask, done.fov, done.fov_area
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
                        vessel_fraction=round(done.vessel_pixels / max(fov_area, 1), 5))
@@ -339,14 +337,13 @@ class Pipeline:
 
     def _submit_batch(self, size: int) -> None:
         items = self.batches.pop(size)
-        canvases = np.stack([it.canvas for it in items])
-        for it in items:
-            it.canvas = None
         try:
-            future = self.backend.submit(canvases)
+            future = self.pixels.submit(items, size)
         except Exception as e:  # refused at once: the same as failing later
             future = Future()
             future.set_exception(e)
+        for it in items:
+            it.canvas = None
         self.inferring.append((items, future, time.perf_counter()))
         while len(self.inferring) > self.opt.inflight:
             self._take_inferred()
@@ -355,7 +352,7 @@ class Pipeline:
         """Hand the oldest batch in the backend to the writers (waiting for it first)."""
         items, future, submitted = self.inferring[0]
         try:
-            probs = future.result()  # popped only after the wait: an interrupt loses nothing
+            results = future.result()  # popped only after the wait: an interrupt loses nothing
         except Exception as e:  # a backend failure fails its batch, the run goes on
             self.inferring.popleft()
             for it in items:
@@ -363,9 +360,9 @@ class Pipeline:
             return
         self.inferring.popleft()
         seconds = getattr(future, "compute_seconds", time.perf_counter() - submitted)
-        for it, prob in zip(items, probs, strict=True):
+        for it, result in zip(items, results, strict=True):
             it.row["infer_s"] = round(seconds / len(items), 5)
-            self.writes.append(self.writer.submit(self.finish, it, prob))
+            self.writes.append(self.writer.submit(self.finish, it, result))
         while len(self.writes) > 2 * self.workers:
             self._record_oldest_write()
 
@@ -398,7 +395,8 @@ class Pipeline:
     # --- what the summary says about the run ------------------------------------------------
     def _settings(self) -> dict:
         return {"workers": self.workers, "batch_size": self.backend.batch_size,
-                "inflight": self.opt.inflight, "overwrite": self.opt.overwrite}
+                "inflight": self.opt.inflight, "overwrite": self.opt.overwrite,
+                "pixel_work": self.pixels.name}
 
     def _outputs(self) -> dict:
         layout = self.layout
@@ -466,7 +464,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
             reduced_decode: bool = True, shard: Shard | None = None,
-            size: int | str = "auto", tta: bool = False) -> dict:
+            size: int | str = "auto", tta: bool = False, pixel_work: str = "auto") -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
@@ -477,6 +475,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     another thread) ends the run early and cleanly. `on_start(plan)` is called once the inputs
     have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
     `shard`: process only that shard's inputs (shard.py; its summary goes beside its ledger).
+    `pixel_work`: where letterbox, resize back, threshold and FOV masking run (pixel_work.py):
+    auto (the backend's device when it is a CUDA GPU), host, or device.
     """
     from .backends import open_backend
 
@@ -484,7 +484,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
                       metrics=metrics, truth_dir=truth_dir, fov_dir=fov_dir)
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
-                      reduced_decode=reduced_decode, shard=shard, **paths)
+                      reduced_decode=reduced_decode, shard=shard, pixel_work=pixel_work,
+                      **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
         options.size = _size_policy(runner, size)
         runner = FlipTTA(runner) if tta else runner

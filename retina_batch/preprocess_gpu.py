@@ -195,8 +195,10 @@ def fov_mask_at(fov_mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def fov_on_device(fov: FieldOfView, decoded_size: tuple[int, int],
                   device) -> torch.Tensor:
     """The FOV mask at the decoded image's size, on `device`, as the CPU path has it: the
-    thumbnail mask (`small`) scaled up there, or a given full mask uploaded."""
-    if fov.mask is not None:
+    thumbnail mask (`small`) scaled up there (the host's full mask is that same nearest
+    resize, and the thumbnail crosses the bus in a fraction of the bytes), or a full mask
+    without a thumbnail (read from a FOV file) uploaded."""
+    if fov.small is None:
         return torch.from_numpy(fov.mask).to(device)
     return fov_mask_at(torch.from_numpy(fov.small).to(device), decoded_size)
 

@@ -346,14 +346,17 @@ def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device
                 prob_dir=None, overlay_dir=None, metrics=None, truth_dir=None, fov_dir=None,
                 overwrite: bool = False, on_row=None, on_open=None, on_start=None,
                 stop: threading.Event | None = None, pools: Pools | None = None,
-                size: int | str = "auto", tta: bool = False) -> dict:
+                size: int | str = "auto", tta: bool = False, pixel_work: str = "auto") -> dict:
     """pipeline.segment on Ray: same arguments (`workers` is Ray's to choose: unused), same
     outputs and summary, same errors. `pools`: actor counts (default: from the cluster).
     Every photograph goes on the model's working canvas (one tensor shape per actor batch):
-    `--size N` and `--tta` are refused rather than ignored."""
+    `--size N`, `--tta` and `--pixel-work device` are refused rather than ignored."""
     if tta or size not in ("auto", None):
         raise BackendUnavailable("--ray runs every photograph on the model's working canvas: "
                                  "drop --tta and --size, or run without --ray")
+    if pixel_work == "device":  # its decode tasks send canvases to the inference actors
+        raise BackendUnavailable("--ray makes the canvases on the host: drop --pixel-work "
+                                 "device, or run without --ray")
     paths = check_run(source, True, out=out, prob_dir=prob_dir, overlay_dir=overlay_dir,
                       metrics=metrics, truth_dir=truth_dir, fov_dir=fov_dir)
     if backend == "auto":
@@ -364,7 +367,8 @@ def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device
     model_file = ModelFile(backend, path, load_card(path), batch_size, device)
     if on_open:
         on_open(model_file)
-    options = Options(threshold=threshold, overwrite=overwrite, stop=stop, **paths)
+    options = Options(threshold=threshold, overwrite=overwrite, stop=stop, pixel_work="host",
+                      **paths)
     with ray_connection():
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = context.print_on_execution_start = False

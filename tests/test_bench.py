@@ -74,7 +74,7 @@ def test_bench_in_process_has_every_figure(tiny_onnx, images):
     for r, bs in zip(record["results"], (1, 3), strict=True):
         _check_result(r, 6)
         assert r["config"] == {"batch_size": bs, "workers": 1, "inflight": 2,
-                               "reduced_decode": True}
+                               "reduced_decode": True, "pixel_work": "host"}  # auto, no GPU
         assert len(r["end_to_end_runs"]) == 2
         # the ratios are the ratios of the reported figures
         assert r["efficiency"] == pytest.approx(r["end_to_end_ips"] / r["pure_inference_ips"],

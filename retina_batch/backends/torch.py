@@ -64,6 +64,9 @@ class DecodedResult:
     letterbox: object  # preprocess.Letterbox
     fov_area: int
     vessel_pixels: int
+    # uint8 0/1 FOV at the original size, as the host path's threshold_in_fov makes it: the
+    # measurements and scores need it, and fetching it is cheaper than a full-size resize here
+    fov_mask: np.ndarray | None = None
 
 
 class _Staging:
@@ -166,7 +169,8 @@ class TorchBackend(WorkerThreadBackend):
 
     # --- the GPU-resident flow ----------------------------------------------------------
     def segment_decoded(self, images: list, sizes: list | None = None, fovs: list | None = None,
-                        threshold: float | None = None, keep_prob: bool = False):
+                        threshold: float | None = None, keep_prob: bool = False,
+                        canvas: int | None = None):
         """Segment decoded photographs on the backend's device; returns a Future of a list of
         DecodedResult in input order (its `compute_seconds`: the whole batch's time).
 
@@ -175,27 +179,32 @@ class TorchBackend(WorkerThreadBackend):
         when decoded at reduced size (None: as decoded). fovs: a preprocess.FieldOfView per
         image from FOV files, or None to detect it (from a thumbnail, on the host).
         threshold: default the card's. keep_prob: also return float32 probabilities.
+        canvas: the side of the batch's square canvas (default the working size; one per
+        batch, as the host path batches by canvas).
         """
+        canvas = self.size if canvas is None else int(canvas)
         if len(images) > self.batch_size:
             raise ValueError(f"{self.name}: {len(images)} images > batch size {self.batch_size}")
+        if not self.accepts(canvas):
+            raise ValueError(f"{self.name}: the model does not take a {canvas} px canvas")
         return self.run_timed(self._worker, self._segment_decoded, list(images),
                               sizes or [None] * len(images), fovs or [None] * len(images),
                               self.threshold if threshold is None else float(threshold),
-                              keep_prob)
+                              keep_prob, canvas)
 
-    def _segment_decoded(self, images, sizes, fovs, threshold, keep_prob) -> list:
+    def _segment_decoded(self, images, sizes, fovs, threshold, keep_prob, canvas) -> list:
         torch = self._torch
         staging = self._staging() if self.cuda else None
         stream = torch.cuda.stream(staging.stream) if self.cuda else contextlib.nullcontext()
         with torch.inference_mode(), stream:
-            prepared = [self._prepare(staging, i, img, size, fov)
+            prepared = [self._prepare(staging, i, img, size, fov, canvas)
                         for i, (img, size, fov) in enumerate(zip(images, sizes, fovs,
                                                                   strict=True))]
             canvases = torch.stack([canvas for canvas, _, _, _ in prepared])
             probs = self.module(canvases).float()
             return self._finish(staging, prepared, probs, threshold, keep_prob)
 
-    def _prepare(self, staging, index: int, image, size, fov):
+    def _prepare(self, staging, index: int, image, size, fov, side: int):
         """(canvas, letterbox, FOV, FOV mask at decoded size) of one image, on the device."""
         from .. import preprocess as host
         from .. import preprocess_gpu as device
@@ -209,7 +218,7 @@ class TorchBackend(WorkerThreadBackend):
                 else self._torch.from_numpy(image)
         elif fov is None:
             fov = device.detect_fov(image)
-        canvas, lb = device.letterbox(image, fov.box, self.size, size)
+        canvas, lb = device.letterbox(image, fov.box, side, size)
         return canvas, lb, fov, device.fov_on_device(fov, decoded, canvas.device)
 
     def _finish(self, staging, prepared, probs, threshold, keep_prob) -> list:
@@ -222,16 +231,19 @@ class TorchBackend(WorkerThreadBackend):
         if self.cuda:
             counts = self._download(staging, "counts", counts)
             masks = [self._download(staging, f"mask{i}", d.mask) for i, d in enumerate(done)]
+            fovs = [self._download(staging, f"fov{i}", d.fov) for i, d in enumerate(done)]
             probs = [self._download(staging, f"prob{i}", d.prob) if keep_prob else None
                      for i, d in enumerate(done)]
             staging.stream.synchronize()
         else:
-            masks, probs = [d.mask for d in done], [d.prob for d in done]
+            masks, fovs, probs = [d.mask for d in done], [d.fov for d in done], \
+                [d.prob for d in done]
         counts = counts.numpy().tolist()
+        # Copies: on the GPU they are views of pinned buffers that the next batch reuses.
         return [DecodedResult(mask.numpy().copy(), None if prob is None else prob.numpy().copy(),
-                              fov, lb, int(area), int(vessels))
-                for mask, prob, (_, lb, fov, _), (area, vessels)
-                in zip(masks, probs, prepared, counts, strict=True)]
+                              fov, lb, int(area), int(vessels), fov_mask.numpy().copy())
+                for mask, fov_mask, prob, (_, lb, fov, _), (area, vessels)
+                in zip(masks, fovs, probs, prepared, counts, strict=True)]
 
     def _unload(self) -> None:
         del self.module

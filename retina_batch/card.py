@@ -49,3 +49,21 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def training_folders(card: dict) -> tuple[Path | None, Path | None]:
+    """(photographs, annotations) folders of the card's training data, if on this disk."""
+    data = Path(str(card.get("training", {}).get("data", "")) or "/nonexistent")
+    images = next((data / d for d in ("image", "images") if (data / d).is_dir()), None)
+    masks = next((data / d for d in ("mask", "masks") if (data / d).is_dir()), None)
+    return images, masks
+
+
+def card_photographs(card: dict, split: str) -> list[Path]:
+    """The card's training ('train') or validation ('val') photographs that are on this disk,
+    sorted by name; [] when the training data is elsewhere."""
+    from .io import list_images, pair_key
+
+    images, _ = training_folders(card)
+    keys = {str(k).lower() for k in card.get("training", {}).get(f"images_{split}", [])}
+    return [p for p in list_images(images) if pair_key(p) in keys] if images else []

@@ -336,11 +336,14 @@ def engine_names(checkpoint: Path, platform: dict, engine_dir: Path) -> tuple[Pa
 def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None,
            engine_dir=ENGINE_DIR, engine: bool = True, require_engine: bool = False,
            workspace_mib: int | None = None, timing_cache=None, parity_folder=None,
-           parity_count: int = 4, log=print) -> dict:
+           parity_count: int = 4, int8: bool | None = None, calibration=None,
+           log=print) -> dict:
     """Export `checkpoint` (with its model.json card) to `out`; returns a summary dict.
 
     Raises ExportError for user mistakes and failed parity checks, EngineUnavailable when
-    `require_engine` and no engine could be built (the ONNX files are written first)."""
+    `require_engine` and no engine could be built (the ONNX files are written first).
+    int8: None = model.int8.onnx when calibration photographs are at hand (`calibration`, a
+    folder, else the card's training data), True = required, False = not (quantize.py)."""
     from .backends.torch import load_network
     from .model import InferenceModel
 
@@ -396,9 +399,20 @@ def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None
         raise ParityError(f"fp16 masks agree with fp32 only to Dice "
                           f"{parity16['mask_dice_min']:.4f} (< {FP16_MIN_DICE}): do not deploy "
                           f"{fp16_path}; use model.onnx")
+    if int8 is not False:
+        from .quantize import int8_step
+
+        summary.update(int8_step(fp32_path, fp32_card, images, described, calibration,
+                                 required=bool(int8), log=log))
     if engine:
         summary.update(_engine_step(checkpoint, out, fp16_path, fp16_card, profile, size,
                                     Path(engine_dir), workspace_mib, timing_cache, log))
+        if summary.get("onnx_int8"):
+            from .quantize import int8_engine_step
+
+            summary.update(int8_engine_step(checkpoint, fp32_path, fp32_card, images,
+                                            described, calibration, profile, size,
+                                            engine_dir, workspace_mib, timing_cache, log))
     else:
         summary["engine_skipped"] = "no TensorRT engine built: --no-engine"
     if require_engine and summary["engine"] is None:

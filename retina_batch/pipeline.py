@@ -33,7 +33,7 @@ from .preprocess import FieldOfView, detect_fov, letterbox, to_rgb8, unletterbox
 
 METRIC_FIELDS = [
     "run_id", "path", "output", "status", "message", "width", "height", "decode_scale",
-    "fov_found", "fov_area", "vessel_fraction", "threshold",
+    "fov_found", "fov_area", "vessel_fraction", "threshold", "precision",
     "decode_s", "preprocess_s", "infer_s", "postprocess_s", "write_s",
     "truth", "dice", "iou", "sensitivity", "specificity", "accuracy", "auc", "fov_dice", "fov_auc",
 ]
@@ -93,6 +93,7 @@ class Pipeline:
         self.threshold = options.threshold if options.threshold is not None \
             else backend.threshold
         self.workers = options.workers or os.cpu_count() or 2
+        self.precision = backend.describe().get("precision")  # fp32 / int8, for every row
         self.on_row = on_row or (lambda row: None)
         self.truth = index_by_key(options.truth_dir)
         self.fov_files = index_by_key(options.fov_dir, fov=True)
@@ -235,7 +236,8 @@ class Pipeline:
                 return
             item = Item(Path(path), Path(rel))
             item.row.update(run_id=self.run_id, path=str(path),
-                            output=str(rel.with_suffix(".png")))
+                            output=str(rel.with_suffix(".png")),
+                            precision=self.precision)
             if self._skip(item):
                 continue
             key = pair_key(path)
@@ -427,7 +429,7 @@ def check_writable(folder: Path) -> None:
 
 
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
-            batch_size: int = 2, workers: int = 0, inflight: int = 2,
+            precision: str = "auto", batch_size: int = 2, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, stop: threading.Event | None = None,
@@ -455,7 +457,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, **paths)
-    with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
+    with open_backend(backend, model, batch_size=batch_size, device=device,
+                      precision=precision) as runner:
         if on_open:
             on_open(runner)
         return Pipeline(runner, options, on_row).run(source)

@@ -35,8 +35,10 @@ class SegmentProgress:
         """The run has really started (inputs checked, model loaded): show the bar."""
         info = backend.describe()
         if not self.quiet:
+            reason = f" ({info['precision_reason']})" if info.get("precision_reason") else ""
             self.console.print(f"backend {info['backend']} ({info.get('runtime', '')}), "
-                               f"model {info['model']}", highlight=False)
+                               f"{info.get('precision', '')} model {info['model']}{reason}",
+                               highlight=False)
         self.progress.start()
 
     def row(self, row: dict) -> None:

@@ -33,10 +33,15 @@ class Backend(abc.ABC):
     """Base class: subclasses implement `_open`, `submit` and `_close`."""
 
     name: str = "?"
+    # Why this model file (and so this precision) runs; set by open_backend's precision choice.
+    precision_reason: str = ""
 
     def __init__(self, model: str | Path, batch_size: int = 4, device: str = "auto"):
+        from .precision import model_precision
+
         self.model_path = Path(model)
         self.card = load_card(self.model_path)
+        self.precision = model_precision(self.card)
         self.size = int(self.card["working_size"])
         self.threshold = float(self.card["threshold"])
         self.batch_size = batch_size
@@ -88,7 +93,8 @@ class Backend(abc.ABC):
     def describe(self) -> dict:
         """What ran, for summaries and benchmark records."""
         return {"backend": self.name, "model": str(self.model_path),
-                "model_sha256": self.card.get("sha256"), "device": self.device}
+                "model_sha256": self.card.get("sha256"), "device": self.device,
+                "precision": self.precision, "precision_reason": self.precision_reason}
 
     def check_batch(self, batch: np.ndarray) -> None:
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (self.size,
@@ -154,13 +160,17 @@ def resolve_model(model: str | Path | None, backend: str) -> Path:
 
 
 def open_backend(name: str, model: str | Path | None = None, batch_size: int = 4,
-                 device: str = "auto", **options) -> Backend:
-    """Construct and open a backend by name ('auto' picks one, see auto.choose)."""
+                 device: str = "auto", precision: str = "auto", **options) -> Backend:
+    """Construct and open a backend by name ('auto' picks one, see auto.choose); `precision`
+    picks the fp32 or int8 file of an ONNX model (see precision.choose)."""
+    from .precision import choose as choose_precision
+
     if name == "auto":
         from .auto import choose
 
         name, model = choose(model, device)
-    path = resolve_model(model, name)
+    choice = choose_precision(resolve_model(model, name), precision, name, device)
+    path = choice.path
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend as cls
     elif name == "tensorrt":
@@ -170,4 +180,6 @@ def open_backend(name: str, model: str | Path | None = None, batch_size: int = 4
     else:
         raise BackendUnavailable(f"unknown backend {name!r} (choose from auto, "
                                  f"{', '.join(BACKENDS)})")
-    return cls(path, batch_size=batch_size, device=device, **options).open()
+    runner = cls(path, batch_size=batch_size, device=device, **options)
+    runner.precision_reason = choice.reason
+    return runner.open()

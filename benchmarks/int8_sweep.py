@@ -9,8 +9,10 @@ number of calibration photographs. For every setting it prints and records:
     other_dice_min          the same on photographs of another camera (LES-AV), never seen
     max_diff                largest |probability difference| vs fp32 on those photographs
     truth_dice              mean Dice vs the manual annotation, whole image (fp32 alongside)
-    ms_int8 / ms_fp32       ONNX Runtime CPU, the backend's session options, batch 2, medians
-                            of rounds that alternate the two models (so load hits both alike)
+    ms_int8 / ms_fp32       ONNX Runtime CPU, the backend's session options, batch 2, mean
+                            over rounds that alternate the two models batch by batch
+    cpu_ms_int8 / _fp32     the same in process CPU time (all threads): on a shared machine
+                            the steadier figure, it counts work, not waiting
 
 Calibration uses the card's training photographs, prepared as `segment` prepares them.
 
@@ -104,20 +106,27 @@ def session(path: Path):
 
 
 def timed_pair(fp32: Path, int8: Path, images: np.ndarray, rounds: int,
-               batch: int = 2) -> tuple[float, float]:
-    """ms per image of fp32 and int8, medians over rounds that alternate the two."""
+               batch: int = 2) -> dict:
+    """ms per image of fp32 and int8, wall clock and process CPU time, alternating the two
+    models batch by batch, so a change in the machine's load hits both alike. On a shared
+    machine the CPU time is the steadier figure: it counts the work, not the waiting."""
     sessions = {"fp32": session(fp32), "int8": session(int8)}
-    times = {k: [] for k in sessions}
+    wall, cpu = dict.fromkeys(sessions, 0.0), dict.fromkeys(sessions, 0.0)
     for s in sessions.values():
         s.run(None, {"images": images[:batch]})  # first-call allocations
     for _ in range(rounds):
-        for name, s in sessions.items():
-            start = time.perf_counter()
-            for i in range(0, len(images), batch):
+        for i in range(0, len(images), batch):
+            for name, s in sessions.items():
+                w, c = time.perf_counter(), time.process_time()
                 s.run(None, {"images": images[i:i + batch]})
-            times[name].append(1000 * (time.perf_counter() - start) / len(images))
-    return (round(statistics.median(times["fp32"]), 1),
-            round(statistics.median(times["int8"]), 1))
+                wall[name] += time.perf_counter() - w
+                cpu[name] += time.process_time() - c
+    n = rounds * len(images)
+    out = {f"{kind}_{name}": round(1000 * table[name] / n, 1)
+           for kind, table in (("ms", wall), ("cpu_ms", cpu)) for name in sessions}
+    out["speedup"] = round(wall["fp32"] / wall["int8"], 3)
+    out["cpu_speedup"] = round(cpu["fp32"] / cpu["int8"], 3)
+    return out
 
 
 def calibrated(s: Settings, calibration: np.ndarray, fp32: Path, work: Path) -> Path:
@@ -150,8 +159,7 @@ def measure(s: Settings, fp32: Path, card: dict, val: Photos, other: Photos | No
     if other is not None:
         row["other_dice_min"] = compare(references["other"], run_onnx(out, other.canvases),
                                         threshold)["mask_dice_min"]
-    row["ms_fp32"], row["ms_int8"] = timed_pair(fp32, out, val.canvases[:8], rounds)
-    row["speedup"] = round(row["ms_fp32"] / row["ms_int8"], 3)
+    row.update(timed_pair(fp32, out, val.canvases[:8], rounds))
     return row
 
 
@@ -212,15 +220,17 @@ def main() -> int:
 
 def print_table(record: dict) -> None:
     print("| setting | mask Dice vs fp32 (min / mean) | other camera (min) | max diff | "
-          "truth Dice int8 (fp32) | ms/img int8 / fp32 | speed-up |")
-    print("|---|---|---|---|---|---|---|")
+          "truth Dice int8 (fp32) | ms/img int8 / fp32 | speed-up | CPU ms/img int8 / fp32 | "
+          "CPU speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in record["rows"]:
         s = Settings(**{k: tuple(v) if k == "ops" else v for k, v in r["settings"].items()
                         if k in Settings.__dataclass_fields__})
         print(f"| {label(s)} | {r['dice_min']:.4f} / {r['dice_mean']:.4f} | "
               f"{r.get('other_dice_min', float('nan')):.4f} | {r['max_diff']:.3f} | "
               f"{r['truth_dice']:.4f} ({r['truth_dice_fp32']:.4f}) | "
-              f"{r['ms_int8']:.0f} / {r['ms_fp32']:.0f} | {r['speedup']:.2f}x |")
+              f"{r['ms_int8']:.0f} / {r['ms_fp32']:.0f} | {r['speedup']:.2f}x | "
+              f"{r['cpu_ms_int8']:.0f} / {r['cpu_ms_fp32']:.0f} | {r['cpu_speedup']:.2f}x |")
 
 
 if __name__ == "__main__":

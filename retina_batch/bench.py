@@ -21,6 +21,8 @@ peak RSS and CPU time are its own. Figures:
                         run after the timed ones (scoring costs time; it is not in any figure)
     peak_rss_mb         peak RSS (VmHWM) of the configuration's process after the repeats
     cpu_utilisation     process CPU seconds / (wall seconds x cores), over the pipeline repeats
+    cpu_ms_per_image    process CPU time per image (median of the repeats): on a shared machine
+                        the steadier figure; cores x 1000 / it is the idle machine's ceiling
 """
 
 from __future__ import annotations
@@ -379,6 +381,10 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
         "peak_rss_mb": raw["peak_rss_mb"],
         "rss_after_model_load_mb": raw["rss_after_model_load_mb"],
         "cpu_utilisation": round(statistics.fmean(r["cpu_utilisation"] for r in runs), 3),
+        # CPU time is what an image costs whatever else runs on the machine: cores x 1000 /
+        # this is the img/s the same work would reach on idle cores.
+        "cpu_ms_per_image": round(statistics.median(1000 * r["cpu_seconds"] / r["images"]
+                                                    for r in runs if r["images"]), 1),
         "vessel_fraction": runs[0]["vessel_fraction"],
         "precision": raw["backend"].get("precision"), "model": raw["backend"].get("model"),
         **raw.get("scores", {}),

@@ -187,9 +187,10 @@ def print_bench(record: dict, console: Console) -> None:
     table = Table(title=title, title_justify="left")
     scored = any("truth_dice" in r for r in record["results"])
     columns = ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode", "prep",
-               "infer", "post", "write", "p50 ms", "p95 ms", "peak RSS", "CPU")
+               "infer", "post", "write", "p50 ms", "p95 ms", "peak RSS", "CPU", "CPU ms/img")
     for name in columns + (("Dice",) if scored else ()):
-        table.add_column(name, justify="left" if name == "configuration" else "right")
+        table.add_column(name, justify="left" if name == "configuration" else "right",
+                         no_wrap=name == "configuration")
     rows = [(f"naive loop ({record['naive'].get('precision')}, batch 1)", record["naive"])] \
         if "naive" in record else []
     rows += [(_label(r["config"], r.get("precision")), r) for r in record["results"]]
@@ -202,7 +203,7 @@ def print_bench(record: dict, console: Console) -> None:
                         ("decode", "preprocess", "infer", "postprocess", "write")),
                       _num(r["latency_ms"]["p50"], 0), _num(r["latency_ms"]["p95"], 0),
                       f"{r['peak_rss_mb']:.0f} MB", f"{100 * r['cpu_utilisation']:.0f}%",
-                      *dice)
+                      _num(r.get("cpu_ms_per_image"), 0), *dice)
     console.print(table)
     backend = record.get("backend", {})
     models = sorted({r.get("model") or backend.get("model") for r in record["results"]})

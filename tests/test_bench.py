@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from retina_batch.bench import STAGE_NAMES, bench
+from retina_batch.bench import STAGE_NAMES, _cores, bench
 from retina_batch.cli import main
 from retina_batch.synth import write_synthetic
 
@@ -33,6 +33,9 @@ def _check_result(r: dict, images: int) -> None:
     # Not <= 1: on runs this short, worker threads' CPU time from just outside the timed window
     # is counted too (seen up to 1.15); a real accounting bug would be off by a factor of cores.
     assert 0 < r["cpu_utilisation"] <= 1.5
+    # CPU time per image = the CPU share of the cores over an image's share of the wall time
+    assert r["cpu_ms_per_image"] == pytest.approx(
+        r["cpu_utilisation"] * _cores() * 1000 / r["end_to_end_ips"], rel=0.5)
     assert 0 <= r["vessel_fraction"] <= 1
 
 

@@ -189,9 +189,11 @@ def quantize_graph(fp32_path: Path, out_path: Path, images: np.ndarray,
         prepared = Path(tmp) / "prepared.onnx"
         # ONNX Runtime's recommended preparation: its basic graph optimisations (constant
         # folding, Identity removal: the quantiser needs every conv bias as an initializer)
-        # and shape inference (it skips tensors without a known type and shape). The result
-        # is still plain ONNX; the optimiser's unused opset imports are dropped.
-        quant_pre_process(str(fp32_path), str(prepared), skip_optimization=False)
+        # and ONNX shape inference (the quantiser skips tensors of unknown type). Not the
+        # symbolic one: it fails on graphs with a dynamic height and width, and a CNN needs
+        # only the types. The result is plain ONNX; unused opset imports are dropped.
+        quant_pre_process(str(fp32_path), str(prepared), skip_optimization=False,
+                          skip_symbolic_shape=True)
         model = onnx.load(str(prepared))
         used = {n.domain for n in model.graph.node} | {"", "ai.onnx"}
         kept = [o for o in model.opset_import if o.domain in used]

@@ -191,3 +191,27 @@ def test_shipped_int8_masks_match_fp32_on_validation_photographs(shared_data):
                         ex.run_onnx(fp32.with_name("model.int8.onnx"), images),
                         card["threshold"])
     assert parity["mask_dice_min"] >= INT8_MIN_DICE
+
+
+def test_a_graph_with_dynamic_height_and_width_quantises(tmp_path):
+    """export may make H and W dynamic (issue 10): quantise whatever graph it produces."""
+    import warnings
+
+    from retina_batch.backends.torch import load_network
+    from retina_batch.model import InferenceModel
+
+    net = load_network(write_tiny_checkpoint(tmp_path / "run"))
+    fp32 = tmp_path / "model.onnx"
+    axes = {0: "n", 1: "h", 2: "w"}
+    with warnings.catch_warnings():  # tracer warnings about the padding branch
+        warnings.simplefilter("ignore")
+        torch.onnx.export(InferenceModel(net).eval(),
+                          (torch.zeros(1, TINY_SIZE, TINY_SIZE, 3, dtype=torch.uint8),),
+                          str(fp32), input_names=["images"], output_names=["probabilities"],
+                          dynamic_axes={"images": axes, "probabilities": axes}, dynamo=False,
+                          opset_version=ex.OPSET)
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_graph(fp32, int8, synthetic_canvases(range(100, 104)), Settings())
+    images = synthetic_canvases(range(2), 96)  # another size than the calibration's
+    a, b = ex.run_onnx(fp32, images), ex.run_onnx(int8, images)
+    assert b.shape == (2, 96, 96) and np.abs(a - b).max() < 0.1 * float(a.max() - a.min())

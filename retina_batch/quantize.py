@@ -320,6 +320,7 @@ def int8_engine_step(checkpoint: Path, fp32_path: Path, fp32_card: dict,
                            settings, log, name="int8.tensorrt")
         engine, default_cache = engine_names(checkpoint, platform, Path(engine_dir))
         engine = engine.with_name(engine.stem + ".int8.engine")
+        engine.parent.mkdir(parents=True, exist_ok=True)
         log(f"building the INT8 TensorRT engine for {platform['gpu']}")
         section = build_engine(Path(made["onnx_int8"]), engine, profile, size, workspace_mib,
                                Path(timing_cache) if timing_cache else default_cache)

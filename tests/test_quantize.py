@@ -76,13 +76,15 @@ def test_int8_probabilities_and_masks_follow_fp32(tiny_onnx, quantized):
     assert ex.compare(fp32, int8, float(np.median(fp32)))["mask_agreement"] > 0.85
 
 
-def _export(tmp_path, *args, threshold=None):
+def _export(tmp_path, *args, threshold=None, no_engine=True):
     checkpoint = write_tiny_checkpoint(tmp_path / "run")
     if threshold is not None:  # a threshold that splits the tiny model's flat output
         card = json.loads((tmp_path / "run" / "model.json").read_text())
         write_json_atomic(tmp_path / "run" / "model.json", {**card, "threshold": threshold})
     result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(tmp_path / "out"),
-                                       "--no-engine", "--parity-count", "2", *args])
+                                       "--parity-count", "2", "--engine-dir",
+                                       str(tmp_path / "engines"), *args]
+                                + (["--no-engine"] if no_engine else []))
     assert "Traceback" not in result.output, result.output
     return result
 
@@ -215,3 +217,59 @@ def test_a_graph_with_dynamic_height_and_width_quantises(tmp_path):
     images = synthetic_canvases(range(2), 96)  # another size than the calibration's
     a, b = ex.run_onnx(fp32, images), ex.run_onnx(int8, images)
     assert b.shape == (2, 96, 96) and np.abs(a - b).max() < 0.1 * float(a.max() - a.min())
+
+
+def test_int8_engine_step_builds_from_a_symmetric_graph(tmp_path, monkeypatch):
+    """The TensorRT INT8 path with TensorRT itself faked (it cannot be installed here): the
+    engine is built from model.int8.tensorrt.onnx (symmetric int8 activations, zero points
+    0, as TensorRT requires) and gets a sidecar that says int8."""
+    from retina_batch.backends import tensorrt as trt_backend
+    from retina_batch.backends.precision import model_precision
+
+    platform = {"tensorrt": "11.0.0.1", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    built = []
+
+    def fake_build(onnx_path, engine_path, profile, size, workspace_mib, timing_cache):
+        built.append(onnx_path)
+        engine_path.write_bytes(b"plan")
+        return {**platform, "onnx": str(onnx_path), "onnx_sha256": sha256(onnx_path)}
+
+    monkeypatch.setattr(trt_backend, "running_platform", lambda: platform)
+    monkeypatch.setattr(ex, "build_engine", fake_build)
+    monkeypatch.setattr(ex, "_engine_step", lambda *a: {"engine": "fp16.engine",
+                                                        "engine_skipped": None})
+    calibration = _photographs(tmp_path / "calib")
+    checkpoint = write_tiny_checkpoint(tmp_path / "run")
+    summary = ex.export(checkpoint, tmp_path / "out", calibration=calibration, parity_count=2,
+                        engine_dir=tmp_path / "engines", log=lambda *a: None)
+    trt_graph = tmp_path / "out" / "model.int8.tensorrt.onnx"
+    assert built == [trt_graph]
+    graph = onnx.load(str(trt_graph)).graph
+    inits = {i.name: i for i in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert zero_points and all(z.data_type == onnx.TensorProto.INT8 and
+                               not onnx.numpy_helper.to_array(z).any() for z in zero_points)
+    engine = tmp_path / "engines" / "run.sm90.int8.engine"
+    assert summary["int8_engine"] == str(engine) and summary["int8_engine_skipped"] is None
+    sidecar = load_card(engine)
+    assert sidecar["sha256"] == sha256(engine) and model_precision(sidecar) == "int8"
+    assert sidecar["export"]["int8"]["settings"]["activations"] == "int8"
+    assert sidecar["tensorrt"]["onnx_sha256"] == sha256(trt_graph)
+    # the CPU file is the asymmetric one, and stays what --precision auto picks
+    assert load_card(tmp_path / "out" / "model.int8.onnx")["export"]["int8"]["settings"] == \
+        Settings().describe()
+
+
+def test_no_tensorrt_means_no_int8_engine_and_no_extra_line(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here")
+    except ImportError:
+        pass
+    result = _export(tmp_path, "--calibration", str(_photographs(tmp_path / "calib")),
+                     "--json", no_engine=False)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["onnx_int8"] and summary["int8_engine"] is None
+    assert "no INT8 TensorRT engine" in summary["int8_engine_skipped"]
+    assert "INT8" not in result.stderr  # the fp16 line already says why no engine

@@ -399,22 +399,20 @@ def export(checkpoint, out, *, batch: str | Profile = DEFAULT_PROFILE, size=None
         raise ParityError(f"fp16 masks agree with fp32 only to Dice "
                           f"{parity16['mask_dice_min']:.4f} (< {FP16_MIN_DICE}): do not deploy "
                           f"{fp16_path}; use model.onnx")
-    if int8 is not False:
-        from .quantize import int8_step
-
-        summary.update(int8_step(fp32_path, fp32_card, images, described, calibration,
-                                 required=bool(int8), log=log))
     if engine:
         summary.update(_engine_step(checkpoint, out, fp16_path, fp16_card, profile, size,
                                     Path(engine_dir), workspace_mib, timing_cache, log))
-        if summary.get("onnx_int8"):
-            from .quantize import int8_engine_step
+    else:
+        summary["engine_skipped"] = "no TensorRT engine built: --no-engine"
+    if int8 is not False:  # after the fp16 engine: a failed int8 gate (exit 1) keeps it
+        from .quantize import int8_engine_step, int8_step
 
+        summary.update(int8_step(fp32_path, fp32_card, images, described, calibration,
+                                 required=bool(int8), log=log))
+        if engine and summary["onnx_int8"]:
             summary.update(int8_engine_step(checkpoint, fp32_path, fp32_card, images,
                                             described, calibration, profile, size,
                                             engine_dir, workspace_mib, timing_cache, log))
-    else:
-        summary["engine_skipped"] = "no TensorRT engine built: --no-engine"
     if require_engine and summary["engine"] is None:
         raise EngineUnavailable(summary["engine_skipped"])
     summary["fp32_card"], summary["fp16_card"] = fp32_card, fp16_card

@@ -135,9 +135,6 @@ class _Reader:
         self.i += 1
         return {INPUT: self.images[self.i - 1:self.i]}
 
-    def rewind(self) -> None:
-        self.i = self.start
-
 
 # --- the graph ---------------------------------------------------------------------------------
 CONVOLUTIONS = ("Conv", "ConvTranspose")

@@ -2,8 +2,9 @@
 
 Starting from a base setting (retina_batch.quantize.Settings()), each run changes one factor:
 calibration method (minmax / entropy / percentile), the operator types that get Q/DQ,
-per-channel weights, int8 (symmetric, TensorRT's) or uint8 (asymmetric) activations, and the
-number of calibration photographs. For every setting it prints and records:
+per-channel weights, int8 (symmetric, TensorRT's) or uint8 (asymmetric) activations, how many
+of the first and last convolutions stay float, and the number of calibration photographs. For
+every setting it prints and records:
 
     dice_min / dice_mean    int8 masks vs fp32 masks on the card's validation photographs
     other_dice_min          the same on photographs of another camera (LES-AV), never seen
@@ -17,6 +18,7 @@ number of calibration photographs. For every setting it prints and records:
 Calibration uses the card's training photographs, prepared as `segment` prepares them.
 
     python benchmarks/int8_sweep.py --json benchmarks/results/<date>-int8-sweep.json
+    python benchmarks/int8_sweep.py --setting '{"float_first": 4}' --setting '{...}'
 """
 
 from __future__ import annotations
@@ -177,6 +179,9 @@ def main() -> int:
                         help="calibration image counts to try (comma-separated)")
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per setting")
     parser.add_argument("--only-base", action="store_true", help="measure the base only")
+    parser.add_argument("--setting", action="append", type=json.loads, metavar="JSON",
+                        help='measure only these settings, each the base with changes, e.g. '
+                             '\'{"method": "percentile", "float_first": 4}\' (repeatable)')
     parser.add_argument("--work", type=Path,
                         help="keep calibrated ranges here (default: a temporary folder)")
     parser.add_argument("--json", type=Path)
@@ -194,7 +199,12 @@ def main() -> int:
                   "other": run_onnx(args.model, other.canvases) if other else None}
     references["truth_dice"] = val.truth_dice(references["val"], float(card["threshold"]))
     counts = [int(c) for c in args.counts.split(",") if c]
-    settings = [Settings()] if args.only_base else variations(Settings(), counts)
+    if args.setting:
+        settings = [replace(Settings(), **{k: tuple(v) if k == "ops" else v
+                                           for k, v in change.items()})
+                    for change in args.setting]
+    else:
+        settings = [Settings()] if args.only_base else variations(Settings(), counts)
     record = {"model": str(args.model), "model_sha256": card["sha256"],
               "validation": f"{len(val_files)} files from {images}",
               "other_camera": f"{len(other.canvases)} from {OTHER_CAMERA}" if other else None,

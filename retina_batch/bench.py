@@ -417,6 +417,19 @@ def validation_list(model, folder: Path) -> tuple[Path, Path]:
     return listing, masks
 
 
+def _merge_rounds(raws: list[dict]) -> dict:
+    """One configuration's measurements from several rounds as if from one process: every
+    pipeline and backend-only run pooled (medians are taken over all of them)."""
+    if len(raws) == 1:
+        return raws[0]
+    pure = [x for raw in raws for x in raw["pure"]["runs"]]
+    return {**raws[0], "runs": [r for raw in raws for r in raw["runs"]],
+            "peak_rss_mb": max(raw["peak_rss_mb"] for raw in raws),
+            "rss_after_model_load_mb": max(raw["rss_after_model_load_mb"] for raw in raws),
+            "pure": {**raws[0]["pure"], "runs": pure,
+                     "images_per_second": round(statistics.median(pure), 3)}}
+
+
 def _input_info(source: Path) -> dict:
     import cv2
 
@@ -436,7 +449,7 @@ def _input_info(source: Path) -> dict:
 def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = (512, 512),
           fmt: str = "jpg", seed: int = 0, backend: str = "onnxruntime", model=None,
           device: str = "auto", batch_sizes=(4,), workers=(0,), precisions=("auto",),
-          truth=None, repeat: int = 3,
+          truth=None, repeat: int = 3, rounds: int = 1,
           inflight: int = 2, write: bool = True, reduced_decode=(True,), naive: bool = True,
           naive_reduced_decode: bool | None = None, pure_images: int = 32,
           pure_repeat: int | None = None, isolate: bool = True, on_progress=None,
@@ -445,6 +458,9 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
     images of `size`, for every reduced_decode x batch size x workers x precision (innermost,
     so fp32 and int8 runs alternate and share the machine's load); returns the record.
     `truth` (annotations paired by stem) adds each configuration's mean Dice and AUC.
+    rounds > 1 runs the whole matrix that many times (each configuration in a fresh process
+    per round) and pools the runs: on a machine whose load changes from minute to minute,
+    configurations then share it alike.
 
     write=True writes masks to a temporary folder (deleted after), False runs every stage but
     the file writes. isolate=False measures in this process (faster to start; peak RSS is
@@ -476,7 +492,7 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
                       pure_repeat=pure_repeat or repeat, truth=truth)
         record = {"started": started, "machine": machine_info(), "input": {
             **info, "synthetic": synthetic is not None, "seed": seed if synthetic else None},
-            "settings": {"repeat": repeat, "write": write, "isolated": isolate,
+            "settings": {"repeat": repeat, "rounds": rounds, "write": write, "isolated": isolate,
                          "pure_images": pure_images, "pure_repeat": pure_repeat or repeat,
                          "inflight": inflight},
             "contention_before": load_before}
@@ -492,17 +508,24 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
             naive_ips = record["naive"]["end_to_end_ips"]
             if on_result:
                 on_result(label, record["naive"])
+        configs = [Config(bs, w, reduced, precision) for reduced in reduced_decode
+                   for bs, w, precision in itertools.product(batch_sizes, workers, precisions)]
+        raws: dict[Config, list[dict]] = {c: [] for c in configs}
+        for round_ in range(rounds):  # the whole matrix per round: configurations alternate
+            for config in configs:
+                label = config.label + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
+                job = _job("pipeline", source, info["images"], config, **common)
+                job["truth"] = job["truth"] if round_ == 0 else None  # scored once is enough
+                raws[config].append(run(job, on_progress and (lambda d, t, lb=label:
+                                                              on_progress(lb, d, t))))
         record["results"] = []
-        for reduced in reduced_decode:
-            for bs, w, precision in itertools.product(batch_sizes, workers, precisions):
-                config = Config(bs, w, reduced, precision)
-                raw = run(_job("pipeline", source, info["images"], config, **common),
-                          on_progress and (lambda d, t, c=config: on_progress(c.label, d, t)))
-                record["backend"] = raw["backend"]
-                result = _summarise(raw, config, naive_ips)
-                record["results"].append(result)
-                if on_result:
-                    on_result(config.label, result)
+        for config in configs:
+            raw = _merge_rounds(raws[config])
+            record["backend"] = raw["backend"]
+            result = _summarise(raw, config, naive_ips)
+            record["results"].append(result)
+            if on_result:
+                on_result(config.label, result)
         record["contention_after"] = contention()
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return record

@@ -107,6 +107,9 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
                    "or both for the comparison.")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 100),
               help="[run] Runs per configuration; the median is reported.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="[run] Run the whole matrix this many times, configurations alternating "
+                   "(fairer on a machine whose load changes); runs are pooled.")
 @click.option("--output", default="tmp", show_default=True, type=click.Choice(["tmp", "discard"]),
               help="[run] Write masks to a temporary folder (deleted after), or skip the writes.")
 @click.option("--no-naive", is_flag=True, help="[run] Skip the naive one-image-at-a-time loop.")
@@ -114,7 +117,7 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               help="[run] Write the full record (machine, settings, every figure) here.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress or table.")
 def bench(source, synthetic, size, fmt, validation, truth, backend, model, device, precisions,
-          batch_sizes, workers, decode, repeat, output, no_naive, json_path, quiet):
+          batch_sizes, workers, decode, repeat, rounds, output, no_naive, json_path, quiet):
     """Measure the segment pipeline: images/s, stage costs, latency, memory, CPU.
 
     Runs the real pipeline on SOURCE (folder, image or list) or on --synthetic N generated
@@ -161,6 +164,7 @@ def bench(source, synthetic, size, fmt, validation, truth, backend, model, devic
                                    precisions=chosen, truth=truth,
                                    batch_sizes=_int_list("--batch-size", batch_sizes, 1),
                                    workers=_int_list("--workers", workers, 0), repeat=repeat,
+                                   rounds=rounds,
                                    write=output == "tmp", reduced_decode=reduced,
                                    naive=not no_naive, on_progress=on_progress,
                                    on_result=on_result)

@@ -116,15 +116,20 @@ def test_bench_precisions_alternate_and_are_scored(tiny_pair, tmp_path):
     each configuration naming the file it ran; --truth adds a Dice from an untimed run."""
     images, truth = tmp_path / "images", tmp_path / "truth"
     write_synthetic(images, 3, (96, 96), "png", seed=1, masks=truth)
+    order = []
     record = bench(images, model=tiny_pair, batch_sizes=(1, 2), workers=(1,),
-                   precisions=("fp32", "int8"), truth=truth, repeat=1, isolate=False,
-                   naive=False, pure_images=2)
+                   precisions=("fp32", "int8"), truth=truth, repeat=1, rounds=2,
+                   isolate=False, naive=False, pure_images=2,
+                   on_progress=lambda label, d, t: order.append(label) if d == t else None)
     ran = [(r["config"]["batch_size"], r["precision"], Path(r["model"]).name)
            for r in record["results"]]
     assert ran == [(1, "fp32", "model.onnx"), (1, "int8", "model.int8.onnx"),
                    (2, "fp32", "model.onnx"), (2, "int8", "model.int8.onnx")]
+    # round 1 of every configuration, then round 2: the rounds interleave
+    assert [label.split("(")[-1] for label in order] == ["round 1/2)"] * 4 + ["round 2/2)"] * 4
     for r in record["results"]:
         _check_result(r, 3)
+        assert len(r["end_to_end_runs"]) == 2  # one per round, pooled
         assert r["truth_images"] == 3 and 0 <= r["truth_dice"] <= 1
     # the same model at two batch sizes: the same masks, so the same Dice
     assert record["results"][0]["truth_dice"] == record["results"][2]["truth_dice"]

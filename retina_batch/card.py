@@ -51,3 +51,46 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _card_datasets(training: dict) -> list[tuple[str, Path]]:
+    """(key prefix, folder) of each data folder a card names. Older cards: `data` is one folder
+    and keys are bare stems; cards of multi-dataset training: `datasets[*]` with `name` and
+    `path`, keys of the form `name/stem` (retina_batch.training.dataset)."""
+    if training.get("datasets"):
+        return [(f"{d['name']}/", Path(d["path"])) for d in training["datasets"]]
+    data = training.get("data")
+    if isinstance(data, (list, tuple)):  # a list without datasets: prefixes as training makes
+        from .training.dataset import dataset_name
+
+        return [(f"{dataset_name(Path(d))}/", Path(d)) for d in data]
+    return [("", Path(str(data)))] if data else []
+
+
+def card_pairs(card: dict, split: str) -> list[tuple[Path, Path, str]]:
+    """(photograph, annotation, key) of the card's training ('train') or validation ('val')
+    split that are on this disk, in the card's dataset order and by name within each; [] when
+    the training data is elsewhere. Paths in the card are relative to where training ran (the
+    repository root, like every command in the README)."""
+    from .training.dataset import DatasetError, find_pairs
+
+    training = card.get("training", {})
+    wanted = {str(k).lower() for k in training.get(f"images_{split}", []) or []}
+    for dataset in training.get("datasets", []):  # per-dataset lists, where a card has them
+        listed = dataset.get(f"images_{split}")
+        if isinstance(listed, list):
+            wanted |= {str(k).lower() for k in listed}
+    found = []
+    for prefix, root in _card_datasets(training):
+        try:
+            pairs = find_pairs(root) if root.is_dir() else []
+        except DatasetError:  # not the folder the card was made from: nothing usable here
+            pairs = []
+        found += [(p.image, p.mask, prefix + p.key) for p in pairs
+                  if (prefix + p.key).lower() in wanted]
+    return found
+
+
+def card_photographs(card: dict, split: str) -> list[Path]:
+    """The photographs of card_pairs(card, split)."""
+    return [image for image, _, _ in card_pairs(card, split)]

@@ -68,6 +68,7 @@ def variations(base: Settings, counts: list[int]) -> list[Settings]:
     out += [replace(base, float_last=n) for n in (0, 1)]
     out += [replace(base, float_first=0, float_last=0, activations=a) for a in ACTIVATIONS]
     out += [replace(base, calibration_images=n) for n in counts]
+    out += [replace(base, float_gates=not base.float_gates)]
     unique = []
     for s in out:
         if s not in unique:
@@ -167,7 +168,8 @@ def measure(s: Settings, fp32: Path, card: dict, val: Photos, other: Photos | No
 def label(s: Settings) -> str:
     ops = "+".join("ConvT" if o == "ConvTranspose" else o for o in s.ops)
     return (f"{s.method}, {ops}, {'per-channel' if s.per_channel else 'per-tensor'}, "
-            f"{s.activations}, float {s.float_first}+{s.float_last}, "
+            f"{s.activations}, float {s.float_first}+{s.float_last}"
+            f"{' + gates' if s.float_gates else ''}, "
             f"{s.calibration_images} img")
 
 

@@ -418,7 +418,7 @@ def validation_list(model, folder: Path) -> tuple[Path, Path]:
     from .card import card_pairs, load_card
 
     card = load_card(Path(model) if model else default_model())
-    pairs = card_pairs(card, "val")
+    pairs = [p for p in card_pairs(card, "val") if p[1] is not None]
     if not pairs:
         raise BenchError("--validation: the model card's validation photographs are not on "
                          f"this disk (training data: {card.get('training', {}).get('data')})")

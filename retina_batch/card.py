@@ -67,13 +67,11 @@ def _card_datasets(training: dict) -> list[tuple[str, Path]]:
     return [("", Path(str(data)))] if data else []
 
 
-def card_pairs(card: dict, split: str) -> list[tuple[Path, Path, str]]:
+def card_pairs(card: dict, split: str) -> list[tuple[Path, Path | None, str]]:
     """(photograph, annotation, key) of the card's training ('train') or validation ('val')
     split that are on this disk, in the card's dataset order and by name within each; [] when
     the training data is elsewhere. Paths in the card are relative to where training ran (the
     repository root, like every command in the README)."""
-    from .training.dataset import DatasetError, find_pairs
-
     training = card.get("training", {})
     wanted = {str(k).lower() for k in training.get(f"images_{split}", []) or []}
     for dataset in training.get("datasets", []):  # per-dataset lists, where a card has them
@@ -82,13 +80,27 @@ def card_pairs(card: dict, split: str) -> list[tuple[Path, Path, str]]:
             wanted |= {str(k).lower() for k in listed}
     found = []
     for prefix, root in _card_datasets(training):
-        try:
-            pairs = find_pairs(root) if root.is_dir() else []
-        except DatasetError:  # not the folder the card was made from: nothing usable here
-            pairs = []
-        found += [(p.image, p.mask, prefix + p.key) for p in pairs
-                  if (prefix + p.key).lower() in wanted]
+        found += [(image, mask, prefix + key) for image, mask, key in _folder_pairs(root)
+                  if (prefix + key).lower() in wanted]
     return found
+
+
+def _folder_pairs(root: Path) -> list[tuple[Path, Path | None, str]]:
+    """(photograph, annotation or None, key) in a training data folder, paired as training
+    pairs them; photographs alone where the annotations are not all there (calibration
+    needs only the photographs)."""
+    from .io import list_images, pair_key
+    from .training.dataset import IMAGE_DIRS, DatasetError, find_pairs
+
+    if not root.is_dir():
+        return []
+    try:
+        return [(p.image, p.mask, p.key) for p in find_pairs(root)]
+    except DatasetError:
+        for folder in (root / d for base in (root, root / "train") for d in IMAGE_DIRS):
+            if folder.is_dir():
+                return [(p, None, pair_key(p)) for p in list_images(folder)]
+        return []
 
 
 def card_photographs(card: dict, split: str) -> list[Path]:

@@ -53,6 +53,10 @@ class Settings:
     activations: str = "int8"
     float_first: int = 3  # the first convolutions stay float (they see the finest detail)
     float_last: int = 1  # so do the last ones (the logits that are thresholded)
+    # The attention gates stay float: their coefficients scale every skip connection, and in
+    # symmetric int8 they cost the masks most (benchmarks/README.md#int8); they are 1x1
+    # convolutions, a small share of the work.
+    float_gates: bool = True
     calibration_images: int = 16
     percentile: float = 99.999  # percentile method only
 
@@ -157,6 +161,25 @@ def float_convolutions(model, settings: Settings) -> set[str]:
     return set(convs[:settings.float_first] + convs[len(convs) - settings.float_last:])
 
 
+def attention_gates(model) -> set[str]:
+    """Names of the attention gates' nodes, found by structure: a Sigmoid whose output scales
+    a tensor (Mul) is a gate's; with it go its 1x1 convolution (psi), the Relu, the Add and the
+    two convolutions that feed the Add (W_x on the skip, W_g on the gating signal)."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    muls = {i for n in model.graph.node if n.op_type == "Mul" for i in n.input}
+    gates = set()
+    for sigmoid in (n for n in model.graph.node if n.op_type == "Sigmoid"):
+        if sigmoid.output[0] not in muls:
+            continue  # the network's output
+        chain = [producers.get(sigmoid.input[0])]  # psi
+        while chain[-1] is not None and chain[-1].op_type in ("Conv", "Relu"):
+            chain.append(producers.get(chain[-1].input[0]))
+        if chain[-1] is not None and chain[-1].op_type == "Add":
+            chain += [producers.get(i) for i in chain[-1].input]
+        gates |= {n.name for n in chain if n is not None and n.op_type != "Sigmoid"}
+    return gates
+
+
 def nodes_to_quantize(model, keep_float: set[str]) -> list[str]:
     """Names of the nodes that may get Q/DQ: the U-Net from its first to its last
     convolution, less `keep_float`. The input scaling and per-image standardisation before
@@ -209,8 +232,10 @@ def quantize_graph(fp32_path: Path, out_path: Path, images: np.ndarray,
         kept = [o for o in model.opset_import if o.domain in used]
         del model.opset_import[:]
         model.opset_import.extend(kept)
-        nodes = nodes_to_quantize(model, float_convolutions(onnx.load(str(fp32_path)),
-                                                            settings))
+        keep_float = float_convolutions(onnx.load(str(fp32_path)), settings)
+        nodes = nodes_to_quantize(model, keep_float)  # names every node
+        if settings.float_gates:
+            nodes = [n for n in nodes if n not in attention_gates(model)]
         onnx.save(model, str(prepared))
         with _quiet():
             quantize_static(
@@ -282,6 +307,11 @@ def export_int8(fp32_path: Path, fp32_card: dict, parity_images: np.ndarray, des
         f"{settings.activations} activations)")
     try:
         quantize_graph(fp32_path, tmp, calibration.images, settings)
+        problems = graph_rule_problems(tmp, fp32_card)
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise GraphRuleError(f"the int8 graph breaks the ONNX-TensorRT parser's rules: "
+                                 f"{'; '.join(problems[:3])}{more}; no {out.name} written")
         parity = {"reference": f"{fp32_path.name} (fp32)", "runtime": "onnxruntime CPU",
                   "images": described, "min_dice": INT8_MIN_DICE,
                   **compare(run_onnx(fp32_path, parity_images), run_onnx(tmp, parity_images),
@@ -291,11 +321,6 @@ def export_int8(fp32_path: Path, fp32_card: dict, parity_images: np.ndarray, des
                               f"{parity['mask_dice_min']:.4f} (< {INT8_MIN_DICE}): no "
                               f"{out.name} written; calibrate on other photographs "
                               "(--calibration DIR) or use model.onnx")
-        problems = graph_rule_problems(tmp, fp32_card)
-        if problems:
-            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise GraphRuleError(f"the int8 graph breaks the ONNX-TensorRT parser's rules: "
-                                 f"{'; '.join(problems[:3])}{more}; no {out.name} written")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

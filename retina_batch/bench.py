@@ -343,7 +343,7 @@ def contention() -> dict:
 
 
 def _job(mode: str, source: Path, images: int, config: Config, *, backend, model, device,
-         repeat, inflight, write, pure_images, pure_repeat, truth) -> dict:
+         repeat, inflight, write, pure_images, pure_repeat, truth=None) -> dict:
     return {"mode": mode, "source": str(source), "images": images, "backend": backend,
             "model": str(model) if model else None, "device": device,
             "precision": config.precision, "truth": str(truth) if truth else None,

@@ -18,6 +18,8 @@ peak RSS and CPU time are its own. Figures:
                         write;
                         bottleneck names the largest, host_bottleneck the largest but infer
     latency_ms          p50/p95 from the start of an image's decode to its row being recorded
+    truth_dice          with `truth`: mean Dice against the annotations, from one more pipeline
+                        run after the timed ones (scoring costs time; it is not in any figure)
     peak_rss_mb         peak RSS (VmHWM) of the configuration's process after the repeats
     cpu_utilisation     process CPU seconds / (wall seconds x cores), over the pipeline repeats
     host_ms_per_image   process CPU milliseconds per image (every thread), median of the
@@ -28,6 +30,7 @@ peak RSS and CPU time are its own. Figures:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -60,10 +63,12 @@ class Config:
     batch_size: int = 2
     workers: int = 0  # decode and writer threads each; 0 = one per core
     reduced_decode: bool = True
+    precision: str = "auto"  # fp32 / int8 file of an ONNX model (backends.precision)
 
     @property
     def label(self) -> str:
-        text = f"batch {self.batch_size}, workers {self.workers or os.cpu_count()}"
+        text = (f"{self.precision}, batch {self.batch_size}, "
+                f"workers {self.workers or os.cpu_count()}")
         return text if self.reduced_decode else text + ", full-size decode"
 
 
@@ -211,6 +216,21 @@ def _run_naive(runner, job: dict, out: Path, progress) -> dict:
             "cpu_ms_per_image": round(1000 * cpu / rows.ok, 3) if rows.ok else None}
 
 
+def _score_run(runner, job: dict, out: Path) -> dict:
+    """One untimed pipeline run with the annotations: mean Dice and AUC of the masks."""
+    rows = []
+    options = Options(out=out / "scored", metrics=out / "scored.csv", workers=job["workers"],
+                      truth_dir=Path(job["truth"]), overwrite=True,
+                      reduced_decode=job["reduced_decode"])
+    Pipeline(runner, options, rows.append).run(job["source"])
+    scored = [r for r in rows if r.get("status") == "ok" and "dice" in r]
+    if not scored:
+        return {"truth_images": 0}
+    return {"truth_images": len(scored),
+            "truth_dice": round(statistics.fmean(r["dice"] for r in scored), 5),
+            "truth_auc": round(statistics.fmean(r["auc"] for r in scored), 5)}
+
+
 def _pure_batches(runner, job: dict) -> list[np.ndarray]:
     """Pre-decoded batches of the first images for backend-only timing, same batch size.
 
@@ -254,7 +274,8 @@ def measure(job: dict, emit=None) -> dict:
     pure: list[float] = []
     try:
         with open_backend(job["backend"], job["model"], batch_size=1 if naive
-                          else job["batch_size"], device=job["device"]) as runner:
+                          else job["batch_size"], device=job["device"],
+                          precision=job["precision"]) as runner:
             warm = np.zeros((runner.batch_size, runner.size, runner.size, 3), np.uint8)
             runner.infer(warm)  # first-call allocations are not part of any figure
             batches = [] if naive else _pure_batches(runner, job)
@@ -268,10 +289,11 @@ def measure(job: dict, emit=None) -> dict:
                     pure.append(_pure_run(runner, batches))
             peak = _peak_rss_mb()
             backend = runner.describe()
+            scores = _score_run(runner, job, out) if job.get("truth") and not naive else {}
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"runs": runs, "peak_rss_mb": peak, "rss_after_model_load_mb": rss_open,
-            "backend": backend, "pure": None if naive else {
+            "backend": backend, "scores": scores, "pure": None if naive else {
                 "images": sum(len(b) for b in batches),
                 "images_per_second": round(statistics.median(pure), 3),
                 "runs": [round(x, 3) for x in pure]}}
@@ -324,9 +346,11 @@ def contention() -> dict:
 
 
 def _job(mode: str, source: Path, images: int, config: Config, *, backend, model, device,
-         repeat, inflight, write, pure_images, pure_repeat, pixel_work="auto") -> dict:
+         repeat, inflight, write, pure_images, pure_repeat, truth=None,
+         pixel_work="auto") -> dict:
     return {"mode": mode, "source": str(source), "images": images, "backend": backend,
             "model": str(model) if model else None, "device": device,
+            "precision": config.precision, "truth": str(truth) if truth else None,
             "batch_size": config.batch_size, "workers": config.workers, "inflight": inflight,
             "reduced_decode": config.reduced_decode, "repeat": repeat, "write": write,
             "pure_images": pure_images, "pure_repeat": pure_repeat, "pixel_work": pixel_work}
@@ -374,10 +398,12 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
         "cpu_utilisation": round(statistics.fmean(r["cpu_utilisation"] for r in runs), 3),
         "host_ms_per_image": _median_or_none([r["cpu_ms_per_image"] for r in runs]),
         "vessel_fraction": runs[0]["vessel_fraction"],
+        "precision": raw["backend"].get("precision"), "model": raw["backend"].get("model"),
+        **raw.get("scores", {}),
     }
     if config is not None:
         pure = raw["pure"]["images_per_second"]
-        result = {"config": {"batch_size": config.batch_size,
+        result = {"config": {"precision": config.precision, "batch_size": config.batch_size,
                              "workers": runs[0]["settings"]["workers"],
                              "inflight": runs[0]["settings"]["inflight"],
                              "reduced_decode": config.reduced_decode,
@@ -391,6 +417,41 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
 def _median_or_none(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 3) if values else None
+
+
+def validation_list(model, folder: Path) -> tuple[Path, Path]:
+    """`bench --validation`: a folder (in `folder`) of the model card's validation photographs
+    and one of their annotations, as links named <dataset>--<stem> so that truth pairs by name
+    even when two datasets of the card both have a `1.png`."""
+    from .backends.base import default_model
+    from .card import card_pairs, load_card
+
+    card = load_card(Path(model) if model else default_model())
+    pairs = [p for p in card_pairs(card, "val") if p[1] is not None]
+    if not pairs:
+        raise BenchError("--validation: the model card's validation photographs are not on "
+                         f"this disk (training data: {card.get('training', {}).get('data')})")
+    images, masks = Path(folder) / "validation" / "images", Path(folder) / "validation" / "masks"
+    for target in (images, masks):
+        target.mkdir(parents=True)
+    for image, mask, key in pairs:
+        name = key.replace("/", "--")
+        (images / (name + image.suffix)).symlink_to(image.resolve())
+        (masks / (name + mask.suffix)).symlink_to(mask.resolve())
+    return images, masks
+
+
+def _merge_rounds(raws: list[dict]) -> dict:
+    """One configuration's measurements from several rounds as if from one process: every
+    pipeline and backend-only run pooled (medians are taken over all of them)."""
+    if len(raws) == 1:
+        return raws[0]
+    pure = [x for raw in raws for x in raw["pure"]["runs"]]
+    return {**raws[0], "runs": [r for raw in raws for r in raw["runs"]],
+            "peak_rss_mb": max(raw["peak_rss_mb"] for raw in raws),
+            "rss_after_model_load_mb": max(raw["rss_after_model_load_mb"] for raw in raws),
+            "pure": {**raws[0]["pure"], "runs": pure,
+                     "images_per_second": round(statistics.median(pure), 3)}}
 
 
 def _input_info(source: Path) -> dict:
@@ -411,13 +472,19 @@ def _input_info(source: Path) -> dict:
 
 def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = (512, 512),
           fmt: str = "jpg", seed: int = 0, backend: str = "onnxruntime", model=None,
-          device: str = "auto", batch_sizes=(4,), workers=(0,), repeat: int = 3,
+          device: str = "auto", batch_sizes=(4,), workers=(0,), precisions=("auto",),
+          truth=None, repeat: int = 3, rounds: int = 1,
           inflight: int = 2, write: bool = True, reduced_decode=(True,), naive: bool = True,
           naive_reduced_decode: bool | None = None, pure_images: int = 32,
           pure_repeat: int | None = None, isolate: bool = True, on_progress=None,
           on_result=None, pixel_work: str = "auto") -> dict:
     """Measure the pipeline on `source` (folder, image or list) or on `synthetic` generated
-    images of `size`, for every batch size x workers x reduced_decode; returns the record.
+    images of `size`, for every reduced_decode x batch size x workers x precision (innermost,
+    so fp32 and int8 runs alternate and share the machine's load); returns the record.
+    `truth` (annotations paired by stem) adds each configuration's mean Dice and AUC.
+    rounds > 1 runs the whole matrix that many times (each configuration in a fresh process
+    per round) and pools the runs: on a machine whose load changes from minute to minute,
+    configurations then share it alike.
 
     write=True writes masks to a temporary folder (deleted after), False runs every stage but
     the file writes. isolate=False measures in this process (faster to start; peak RSS is
@@ -447,36 +514,43 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
         run = _in_subprocess if isolate else _in_process
         common = dict(backend=backend, model=model, device=device, repeat=repeat,
                       inflight=inflight, write=write, pure_images=pure_images,
-                      pure_repeat=pure_repeat or repeat, pixel_work=pixel_work)
+                      pure_repeat=pure_repeat or repeat, truth=truth, pixel_work=pixel_work)
         record = {"started": started, "machine": machine_info(), "input": {
             **info, "synthetic": synthetic is not None, "seed": seed if synthetic else None},
-            "settings": {"repeat": repeat, "write": write, "isolated": isolate,
+            "settings": {"repeat": repeat, "rounds": rounds, "write": write, "isolated": isolate,
                          "pure_images": pure_images, "pure_repeat": pure_repeat or repeat,
                          "inflight": inflight, "pixel_work": pixel_work},
             "contention_before": load_before}
         naive_ips = None
         if naive:
             reduced = reduced_decode[0] if naive_reduced_decode is None else naive_reduced_decode
-            label = "naive loop (batch 1, no overlap)"
-            raw = run(_job("naive", source, info["images"], Config(1, 1, reduced), **common),
+            label = f"naive loop ({precisions[0]}, batch 1, no overlap)"
+            raw = run(_job("naive", source, info["images"],
+                           Config(1, 1, reduced, precisions[0]), **common),
                       on_progress and (lambda d, t: on_progress(label, d, t)))
             record["naive"] = {"reduced_decode": reduced, **_summarise(raw, None, None)}
             record["backend"] = raw["backend"]
             naive_ips = record["naive"]["end_to_end_ips"]
             if on_result:
                 on_result(label, record["naive"])
+        configs = [Config(bs, w, reduced, precision) for reduced in reduced_decode
+                   for bs, w, precision in itertools.product(batch_sizes, workers, precisions)]
+        raws: dict[Config, list[dict]] = {c: [] for c in configs}
+        for round_ in range(rounds):  # the whole matrix per round: configurations alternate
+            for config in configs:
+                label = config.label + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
+                job = _job("pipeline", source, info["images"], config, **common)
+                job["truth"] = job["truth"] if round_ == 0 else None  # scored once is enough
+                raws[config].append(run(job, on_progress and (lambda d, t, lb=label:
+                                                              on_progress(lb, d, t))))
         record["results"] = []
-        for reduced in reduced_decode:
-            for bs in batch_sizes:
-                for w in workers:
-                    config = Config(bs, w, reduced)
-                    raw = run(_job("pipeline", source, info["images"], config, **common),
-                              on_progress and (lambda d, t, c=config: on_progress(c.label, d, t)))
-                    record["backend"] = raw["backend"]
-                    result = _summarise(raw, config, naive_ips)
-                    record["results"].append(result)
-                    if on_result:
-                        on_result(config.label, result)
+        for config in configs:
+            raw = _merge_rounds(raws[config])
+            record["backend"] = raw["backend"]
+            result = _summarise(raw, config, naive_ips)
+            record["results"].append(result)
+            if on_result:
+                on_result(config.label, result)
         record["contention_after"] = contention()
         record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         return record

@@ -51,3 +51,58 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _card_datasets(training: dict) -> list[tuple[str, Path]]:
+    """(key prefix, folder) of each data folder a card names. Older cards: `data` is one folder
+    and keys are bare stems; cards of multi-dataset training: `datasets[*]` with `name` and
+    `path`, keys of the form `name/stem` (retina_batch.training.dataset)."""
+    if training.get("datasets"):
+        return [(f"{d['name']}/", Path(d["path"])) for d in training["datasets"]]
+    data = training.get("data")
+    if isinstance(data, (list, tuple)):  # a list without datasets: prefixes as training makes
+        from .training.dataset import dataset_name
+
+        return [(f"{dataset_name(Path(d))}/", Path(d)) for d in data]
+    return [("", Path(str(data)))] if data else []
+
+
+def card_pairs(card: dict, split: str) -> list[tuple[Path, Path | None, str]]:
+    """(photograph, annotation, key) of the card's training ('train') or validation ('val')
+    split that are on this disk, in the card's dataset order and by name within each; [] when
+    the training data is elsewhere. Paths in the card are relative to where training ran (the
+    repository root, like every command in the README)."""
+    training = card.get("training", {})
+    wanted = {str(k).lower() for k in training.get(f"images_{split}", []) or []}
+    for dataset in training.get("datasets", []):  # per-dataset lists, where a card has them
+        listed = dataset.get(f"images_{split}")
+        if isinstance(listed, list):
+            wanted |= {str(k).lower() for k in listed}
+    found = []
+    for prefix, root in _card_datasets(training):
+        found += [(image, mask, prefix + key) for image, mask, key in _folder_pairs(root)
+                  if (prefix + key).lower() in wanted]
+    return found
+
+
+def _folder_pairs(root: Path) -> list[tuple[Path, Path | None, str]]:
+    """(photograph, annotation or None, key) in a training data folder, paired as training
+    pairs them; photographs alone where the annotations are not all there (calibration
+    needs only the photographs)."""
+    from .io import list_images, pair_key
+    from .training.dataset import IMAGE_DIRS, DatasetError, find_pairs
+
+    if not root.is_dir():
+        return []
+    try:
+        return [(p.image, p.mask, p.key) for p in find_pairs(root)]
+    except DatasetError:
+        for folder in (root / d for base in (root, root / "train") for d in IMAGE_DIRS):
+            if folder.is_dir():
+                return [(p, None, pair_key(p)) for p in list_images(folder)]
+        return []
+
+
+def card_photographs(card: dict, split: str) -> list[Path]:
+    """The photographs of card_pairs(card, split)."""
+    return [image for image, _, _ in card_pairs(card, split)]

@@ -123,6 +123,10 @@ def _canvas_size(ctx, param, value: str) -> int | str:
 @click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
               help="[model] Field-of-view masks paired by stem (default: detected).")
 @model_options
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(["auto", "fp32", "int8"]),
+              help="[model] ONNX Runtime: the int8 model beside the fp32 one, or fp32. auto: "
+                   "int8 on CPUs with VNNI/AMX when its masks match fp32's (Dice >= 0.99).")
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="[model] Vessel probability threshold (default: the model card's).")
 @click.option("--size", default="auto", show_default=True, callback=_canvas_size,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import click
@@ -86,7 +87,16 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               help="[input] Size of the synthetic photographs, WIDTHxHEIGHT.")
 @click.option("--format", "fmt", default="jpg", show_default=True,
               type=click.Choice(["jpg", "png"]), help="[input] Synthetic file format.")
+@click.option("--validation", is_flag=True,
+              help="[input] Benchmark on the model card's validation photographs, scored "
+                   "against their annotations (adds a Dice column).")
+@click.option("--truth", type=click.Path(file_okay=False, exists=True),
+              help="[input] Annotations paired by stem: adds each configuration's mean Dice "
+                   "(from one more, untimed run).")
 @bench_model_options
+@click.option("--precision", "precisions", default="auto", show_default=True,
+              help="[matrix] ONNX Runtime model precisions to measure, e.g. fp32,int8 "
+                   "(alternating, so both see the same machine load).")
 @click.option("--batch-size", "batch_sizes", default="2", show_default=True,
               help="[matrix] Batch sizes to measure, comma-separated (e.g. 1,2,4,8).")
 @click.option("--workers", default="0", show_default=True,
@@ -98,14 +108,18 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
 @pixel_work_option
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 100),
               help="[run] Runs per configuration; the median is reported.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="[run] Run the whole matrix this many times, configurations alternating "
+                   "(fairer on a machine whose load changes); runs are pooled.")
 @click.option("--output", default="tmp", show_default=True, type=click.Choice(["tmp", "discard"]),
               help="[run] Write masks to a temporary folder (deleted after), or skip the writes.")
 @click.option("--no-naive", is_flag=True, help="[run] Skip the naive one-image-at-a-time loop.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="[run] Write the full record (machine, settings, every figure) here.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress or table.")
-def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, workers, decode,
-          pixel_work, repeat, output, no_naive, json_path, quiet):
+def bench(source, synthetic, size, fmt, validation, truth, backend, model, device, precisions,
+          batch_sizes, workers, decode, pixel_work, repeat, rounds, output, no_naive, json_path,
+          quiet):
     """Measure the segment pipeline: images/s, stage costs, latency, memory, CPU.
 
     Runs the real pipeline on SOURCE (folder, image or list) or on --synthetic N generated
@@ -116,14 +130,18 @@ def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, wor
     \b
     retina-batch bench --synthetic 32 --batch-size 1,2,4,8
     retina-batch bench ./images --workers 1,2 --json bench.json
+    retina-batch bench --validation --precision fp32,int8
     """
     from .backends import BackendUnavailable
-    from .bench import BenchError
+    from .bench import BenchError, validation_list
     from .bench import bench as run_bench
     from .io import InputError
 
-    if (source is None) == (synthetic is None):
-        fail("give an input folder (SOURCE) or --synthetic N")
+    if [source is not None, synthetic is not None, validation].count(True) != 1:
+        fail("give one input: a folder (SOURCE), --synthetic N or --validation")
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()]
+    if not chosen or set(chosen) - {"auto", "fp32", "int8"}:
+        fail(f"--precision {precisions!r}: expected a comma-separated list of auto, fp32, int8")
     reduced = {"reduced": (True,), "full": (False,), "both": (True, False)}[decode]
     progress = _progress(err, quiet)
     tasks: dict[str, int] = {}
@@ -138,21 +156,26 @@ def bench(source, synthetic, size, fmt, backend, model, device, batch_sizes, wor
             progress.console.print(f"{label}: {result['end_to_end_ips']:.2f} images/s",
                                    highlight=False)
 
-    try:
-        with progress:
-            record = run_bench(source, synthetic=synthetic, size=_size(size), fmt=fmt,
-                               backend=backend, model=model, device=device,
-                               batch_sizes=_int_list("--batch-size", batch_sizes, 1),
-                               workers=_int_list("--workers", workers, 0), repeat=repeat,
-                               write=output == "tmp", reduced_decode=reduced,
-                               naive=not no_naive, on_progress=on_progress,
-                               on_result=on_result, pixel_work=pixel_work)
-    except (InputError, BackendUnavailable, BenchError, ValueError) as e:
-        fail(str(e))
-    except OSError as e:
-        fail(f"cannot write: {e}")
-    except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
+    with tempfile.TemporaryDirectory(prefix="retina-bench-") as tmp:
+        try:
+            if validation:
+                source, truth = validation_list(model, Path(tmp))
+            with progress:
+                record = run_bench(source, synthetic=synthetic, size=_size(size), fmt=fmt,
+                                   backend=backend, model=model, device=device,
+                                   precisions=chosen, truth=truth,
+                                   batch_sizes=_int_list("--batch-size", batch_sizes, 1),
+                                   workers=_int_list("--workers", workers, 0), repeat=repeat,
+                                   rounds=rounds,
+                                   write=output == "tmp", reduced_decode=reduced,
+                                   naive=not no_naive, on_progress=on_progress,
+                                   on_result=on_result, pixel_work=pixel_work)
+        except (InputError, BackendUnavailable, BenchError, ValueError) as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"cannot write: {e}")
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
@@ -168,16 +191,20 @@ def print_bench(record: dict, console: Console) -> None:
              f"({'synthetic' if info['synthetic'] else info['source']}) on {machine['cpu_model']}"
              f", {machine['cores']} cores, load {load[0] if load else '?'}")
     table = Table(title=title, title_justify="left")
-    for name in ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode",
-                 "prep", "infer", "post", "measure", "write", "host ms", "p50 ms", "p95 ms",
-                 "peak RSS", "CPU"):
+    scored = any("truth_dice" in r for r in record["results"])
+    columns = ("configuration", "img/s", "pure img/s", "effic.", "x naive", "decode", "prep",
+               "infer", "post", "measure", "write", "host ms", "p50 ms", "p95 ms", "peak RSS",
+               "CPU")
+    for name in columns + (("Dice",) if scored else ()):
         # The configuration names the row: never wrapped, the figures shrink instead.
         table.add_column(name, justify="left" if name == "configuration" else "right",
                          no_wrap=name == "configuration")
-    rows = [("naive loop (batch 1)", record["naive"])] if "naive" in record else []
-    rows += [(_label(r["config"]), r) for r in record["results"]]
+    rows = [(f"naive loop ({record['naive'].get('precision')}, batch 1)", record["naive"])] \
+        if "naive" in record else []
+    rows += [(_label(r["config"], r.get("precision")), r) for r in record["results"]]
     for label, r in rows:
         stage = r["stage_ms"]
+        dice = (_num(r.get("truth_dice"), 4),) if scored else ()
         table.add_row(label, f"{r['end_to_end_ips']:.2f}", _num(r.get("pure_inference_ips")),
                       _num(r.get("efficiency")), _num(r.get("speedup_vs_naive")),
                       *(_ms(stage[k], k == r["bottleneck"]) for k in
@@ -185,20 +212,27 @@ def print_bench(record: dict, console: Console) -> None:
                          "write")),
                       _num(r.get("host_ms_per_image")), _num(r["latency_ms"]["p50"], 0),
                       _num(r["latency_ms"]["p95"], 0),
-                      f"{r['peak_rss_mb']:.0f} MB", f"{100 * r['cpu_utilisation']:.0f}%")
+                      f"{r['peak_rss_mb']:.0f} MB", f"{100 * r['cpu_utilisation']:.0f}%", *dice)
     console.print(table)
     backend = record.get("backend", {})
+    models = sorted({r.get("model") or backend.get("model") for r in record["results"]})
     console.print(f"stage columns: mean ms per image (bold: largest); host ms: process CPU ms "
                   f"per image; backend "
                   f"{backend.get('runtime', backend.get('backend'))}, model "
-                  f"{backend.get('model')}", highlight=False)
+                  f"{', '.join(map(str, models))}", highlight=False)
+    if scored:
+        console.print("Dice: mean against the annotations, from one more (untimed) run of each "
+                      "configuration", highlight=False)
     if record["contention_before"]["training_processes"]:
         console.print("[yellow]note:[/yellow] a training run was using this machine: "
                       "figures are contended", highlight=False)
 
 
-def _label(config: dict) -> str:
-    text = f"batch {config['batch_size']} workers {config['workers']}"
+def _label(config: dict, precision: str | None) -> str:
+    """'int8 b2 w2'; `precision` is what ran (an auto configuration says which it picked)."""
+    asked = config.get("precision", "auto")
+    ran = precision if asked == precision or not precision else f"{asked}: {precision}"
+    text = f"{ran}, batch {config['batch_size']} workers {config['workers']}"
     return text if config["reduced_decode"] else text + " full decode"
 
 

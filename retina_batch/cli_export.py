@@ -36,16 +36,25 @@ from .cli_common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, err, fail
                    "images named in the card if present, else synthetic ones).")
 @click.option("--parity-count", default=4, show_default=True, type=click.IntRange(1, 64),
               help="[checks] How many images the parity checks use.")
+@click.option("--int8/--no-int8", default=None,
+              help="[int8] Write model.int8.onnx (calibrated int8 for CPUs; exit 1 if its masks "
+                   "agree with fp32 below Dice 0.99). Default: when calibration photographs "
+                   "are at hand.")
+@click.option("--calibration", type=click.Path(file_okay=False, exists=True),
+              help="[int8] Photographs to calibrate int8 on (default: the card's training "
+                   "photographs, when on this disk).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def export(checkpoint, out, no_engine, as_json, **options):
     """Export a trained CHECKPOINT (.pt + its model.json card) for deployment.
 
     \b
-    Writes OUT/model.onnx (fp32) and OUT/model.fp16.onnx (mixed precision, for GPUs), each
-    checked against its reference (PyTorch; fp32) with the figures in its card; then, where
-    TensorRT and an NVIDIA GPU are present, ENGINE_DIR/<run>.<gpu>.sm<XY>.trt<version>.engine
-    + .json sidecar. Without them the ONNX files are still written and the exit status is 0;
-    an engine TensorRT could not build (its messages are shown) exits 1.
+    Writes OUT/model.onnx (fp32), OUT/model.fp16.onnx (mixed precision, for GPUs) and, when
+    calibration photographs are at hand, OUT/model.int8.onnx (QDQ int8, for CPUs and TensorRT),
+    each checked against its reference (PyTorch; fp32) with the figures in its card; then,
+    where TensorRT and an NVIDIA GPU are present,
+    ENGINE_DIR/<run>.<gpu>.sm<XY>.trt<version>.engine (+ .int8.engine) with .json sidecars.
+    Without them the ONNX files are still written and the exit status is 0; an engine
+    TensorRT could not build (its messages are shown) exits 1.
     Run it after every retraining, and on each GPU type that will run the engine.
     """
     from importlib.util import find_spec
@@ -72,10 +81,16 @@ def export(checkpoint, out, no_engine, as_json, **options):
                               indent=2, default=str))
     else:
         _print_summary(summary, err)
+    if summary.get("int8_skipped"):
+        err.print(f"[yellow]{escape(summary['int8_skipped'])}[/yellow]", soft_wrap=True)
     if summary["engine"]:
         err.print(f"[green]engine[/green] {summary['engine']} (+ .json sidecar)")
     else:  # also with --json (on stderr): the one line that says why and what to install
         err.print(f"[yellow]{escape(summary['engine_skipped'])}[/yellow]", soft_wrap=True)
+    if summary.get("int8_engine"):
+        err.print(f"[green]INT8 engine[/green] {summary['int8_engine']} (+ .json sidecar)")
+    elif summary["engine"] and summary.get("int8_engine_skipped"):
+        err.print(f"[yellow]{escape(summary['int8_engine_skipped'])}[/yellow]", soft_wrap=True)
     sys.exit(EXIT_OK)
 
 
@@ -90,7 +105,10 @@ def _print_summary(summary: dict, err) -> None:
     for column in ("file", "checked against", "max |diff|", "mask Dice (worst)", "agreement"):
         table.add_column(column, justify="left" if column in ("file", "checked against")
                          else "right")
-    for key, parity in (("onnx", summary["parity_fp32"]), ("onnx_fp16", summary["parity_fp16"])):
+    for key, parity in (("onnx", summary["parity_fp32"]), ("onnx_fp16", summary["parity_fp16"]),
+                        ("onnx_int8", summary.get("parity_int8"))):
+        if parity is None:
+            continue
         table.add_row(Path(summary[key]).name, parity["reference"], f"{parity['max_abs_diff']:.2e}",
                       f"{parity['mask_dice_min']:.4f}", f"{parity['mask_agreement']:.4%}")
     err.print(table)

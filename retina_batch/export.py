@@ -152,16 +152,11 @@ def synthetic_fundus(size: int, seed: int) -> np.ndarray:
 
 
 def _card_images(card: dict) -> list[Path]:
-    """The validation photographs named in the checkpoint's card, if they are on this disk."""
-    from .io import list_images, pair_key
+    """The validation photographs named in the checkpoint's card if they are on this disk, else
+    its training ones (either card form: card.card_pairs)."""
+    from .card import card_photographs
 
-    data = Path(str(card.get("training", {}).get("data", "")) or "/nonexistent")
-    folder = next((data / d for d in ("image", "images") if (data / d).is_dir()), None)
-    if folder is None:
-        return []
-    files = list_images(folder)
-    val = {str(s).lower() for s in card.get("training", {}).get("images_val", [])}
-    return [p for p in files if pair_key(p) in val] or files
+    return card_photographs(card, "val") or card_photographs(card, "train")
 
 
 def parity_images(size: int, card: dict, folder=None, count: int = 4):
@@ -320,14 +315,17 @@ def _source(checkpoint: Path) -> tuple[dict, object]:
 def export(checkpoint, out, *, batch: str | Range = DEFAULT_BATCH, size=None,
            engine_dir=ENGINE_DIR, engine: bool = True, require_engine: bool = False,
            workspace_mib: int | None = None, timing_cache=None, parity_folder=None,
-           parity_count: int = 4, log=print) -> dict:
+           parity_count: int = 4, int8: bool | None = None, calibration=None,
+           log=print) -> dict:
     """Export `checkpoint` (with its model.json card) to `out`; returns a summary dict.
 
     `batch` and `size` are the TensorRT profile's MIN,OPT,MAX batch and canvas (shapes.py;
     size None: the card's working size up to twice it). Raises ExportError for user mistakes,
     and its subclasses ParityError / GraphRuleError for failed checks, EngineBuildError when
     TensorRT cannot build the engine, EngineUnavailable when `require_engine` and no engine
-    could be built (in these four cases the ONNX files are written first)."""
+    could be built (in these four cases the ONNX files are written first).
+    int8: None = model.int8.onnx when calibration photographs are at hand (`calibration`, a
+    folder, else the card's training data), True = required, False = not (quantize.py)."""
     from .model import InferenceModel
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -382,6 +380,16 @@ def export(checkpoint, out, *, batch: str | Range = DEFAULT_BATCH, size=None,
                                     Path(engine_dir), workspace_mib, timing_cache, log))
     else:
         summary["engine_skipped"] = "no TensorRT engine built: --no-engine"
+    if int8 is not False:  # after the fp16 engine: a failed int8 gate (exit 1) keeps it
+        from .quantize import int8_engine_step, int8_step
+
+        summary.update(int8_step(fp32_path, fp32_card, images, described, calibration,
+                                 required=bool(int8), log=log))
+        if engine and summary["onnx_int8"]:
+            summary.update(int8_engine_step(checkpoint, out, Path(summary["onnx_int8"]),
+                                            summary["int8_card"], batch, canvas,
+                                            Path(engine_dir), workspace_mib, timing_cache,
+                                            log))
     if require_engine and summary["engine"] is None:
         raise EngineUnavailable(summary["engine_skipped"])
     summary["fp32_card"], summary["fp16_card"] = fp32_card, fp16_card

@@ -114,6 +114,7 @@ class Pipeline:
             else backend.threshold
         self.layout = Layout(options.out, options.prob_dir, options.overlay_dir, options.metrics)
         self.workers = options.workers or os.cpu_count() or 2
+        self.precision = backend.describe().get("precision")  # fp32 / int8, for every row
         self.on_row = on_row or (lambda row: None)
         self.on_start = on_start or (lambda plan: None)
         self.truth = index_by_key(options.truth_dir)
@@ -307,7 +308,8 @@ class Pipeline:
                 return
             item = Item(Path(entry.path), Path(entry.key), outputs=dict(entry.outputs))
             item.row.update(run_id=self.run_id, path=entry.path,
-                            output=str(item.rel.with_suffix(".png")))
+                            output=str(item.rel.with_suffix(".png")),
+                            precision=self.precision)
             key = pair_key(entry.path)
             item.truth, item.fov_file = self.truth.get(key), self.fov_files.get(key)
             self.decodes.append(self.decoder.submit(self.load, item))
@@ -459,7 +461,7 @@ def check_run(source, write: bool, **folders) -> dict[str, Path | None]:
 
 
 def segment(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
-            batch_size: int = 2, workers: int = 0, inflight: int = 2,
+            precision: str = "auto", batch_size: int = 2, workers: int = 0, inflight: int = 2,
             threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
@@ -486,7 +488,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, shard=shard, pixel_work=pixel_work,
                       **paths)
-    with open_backend(backend, model, batch_size=batch_size, device=device) as runner:
+    with open_backend(backend, model, batch_size=batch_size, device=device,
+                      precision=precision) as runner:
         options.size = _size_policy(runner, size)
         runner = FlipTTA(runner) if tta else runner
         if on_open:

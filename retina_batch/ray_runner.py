@@ -43,6 +43,7 @@ import numpy as np
 import ray
 
 from .backends import BackendUnavailable, open_backend, resolve_model
+from .backends.precision import choose as choose_precision
 from .card import load_card, write_json_atomic
 from .io import pair_key
 from .ledger import Ledger, RunSettings, ledger_files, writer_of
@@ -73,6 +74,8 @@ class ModelFile:
     card: dict
     batch_size: int
     device: str
+    precision: str = "fp32"  # what the model file computes in (backends.precision.choose)
+    precision_reason: str = ""
 
     @property
     def size(self) -> int:
@@ -85,6 +88,7 @@ class ModelFile:
     def describe(self) -> dict:
         return {"backend": self.name, "model": str(self.model_path),
                 "model_sha256": self.card.get("sha256"), "device": self.device,
+                "precision": self.precision, "precision_reason": self.precision_reason,
                 "runner": "ray"}
 
 
@@ -98,7 +102,7 @@ def decode_batch(batch: dict, *, model: ModelFile, options: Options, run_id: str
     canvases, ok, items = np.zeros((n, size, size, 3), np.uint8), np.zeros(n, bool), []
     with _opencv_quiet():
         for i in range(n):
-            item = stages.load(_item(batch, i, run_id))
+            item = stages.load(_item(batch, i, run_id, model.precision))
             if item.canvas is not None and item.row.get("status") != "error":
                 canvases[i], ok[i] = item.canvas, True
             item.canvas = None
@@ -108,12 +112,12 @@ def decode_batch(batch: dict, *, model: ModelFile, options: Options, run_id: str
             "item": np.array(items, dtype=object)}
 
 
-def _item(batch: dict, i: int, run_id: str) -> Item:
+def _item(batch: dict, i: int, run_id: str, precision: str) -> Item:
     """The pipeline's Item of one dataset row (as Pipeline._feed makes it)."""
     item = Item(Path(batch["path"][i]), Path(batch["key"][i]),
                 outputs=pickle.loads(batch["outputs"][i]))
     item.row.update(run_id=run_id, path=str(batch["path"][i]),
-                    output=str(item.rel.with_suffix(".png")))
+                    output=str(item.rel.with_suffix(".png")), precision=precision)
     item.truth = Path(batch["truth"][i]) if batch["truth"][i] else None
     item.fov_file = Path(batch["fov_file"][i]) if batch["fov_file"][i] else None
     return item
@@ -124,7 +128,8 @@ class InferActor:
 
     def __init__(self, model: ModelFile):
         self.backend = open_backend(model.name, model.model_path,
-                                    batch_size=model.batch_size, device=model.device)
+                                    batch_size=model.batch_size, device=model.device,
+                                    precision=model.precision)
 
     def __call__(self, batch: dict) -> dict:
         n, size = len(batch["key"]), self.backend.size
@@ -342,8 +347,9 @@ def ray_connection():
 
 
 def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device: str = "auto",
-                batch_size: int = 2, workers: int = 0, threshold: float | None = None,
-                prob_dir=None, overlay_dir=None, metrics=None, truth_dir=None, fov_dir=None,
+                precision: str = "auto", batch_size: int = 2, workers: int = 0,
+                threshold: float | None = None, prob_dir=None, overlay_dir=None, metrics=None,
+                truth_dir=None, fov_dir=None,
                 overwrite: bool = False, on_row=None, on_open=None, on_start=None,
                 stop: threading.Event | None = None, pools: Pools | None = None,
                 size: int | str = "auto", tta: bool = False, pixel_work: str = "auto") -> dict:
@@ -363,8 +369,11 @@ def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device
         from .backends.auto import choose
 
         backend, model = choose(model, device)
-    path = resolve_model(model, backend)
-    model_file = ModelFile(backend, path, load_card(path), batch_size, device)
+    # Chosen once, here: every actor runs the same file (workers of a cluster may have other
+    # CPUs, but one folder holds one model's masks).
+    choice = choose_precision(resolve_model(model, backend), precision, backend, device)
+    model_file = ModelFile(backend, choice.path, load_card(choice.path), batch_size, device,
+                           choice.precision, choice.reason)
     if on_open:
         on_open(model_file)
     options = Options(threshold=threshold, overwrite=overwrite, stop=stop, pixel_work="host",

@@ -24,8 +24,8 @@ SCORE_FIELDS = ("dice", "iou", "sensitivity", "specificity", "accuracy", "auc", 
                 "fov_auc")
 METRIC_FIELDS = [
     "run_id", "path", "output", "status", "message", "width", "height", "decode_scale", "canvas",
-    "fov_found", "fov_area", "vessel_fraction", "threshold", *MEASURE_COLUMNS, *QC_COLUMNS,
-    *STAGES, "truth", *SCORE_FIELDS,
+    "fov_found", "fov_area", "vessel_fraction", "threshold", "precision", *MEASURE_COLUMNS,
+    *QC_COLUMNS, *STAGES, "truth", *SCORE_FIELDS,
 ]
 
 

@@ -45,8 +45,9 @@ class SegmentProgress:
     def opened(self, backend) -> None:
         """The model is loaded (said once the folder has accepted it, in `started_run`)."""
         info = backend.describe()
+        reason = f" ({info['precision_reason']})" if info.get("precision_reason") else ""
         self.model_line = f"backend {info['backend']} ({info.get('runtime', '')}), " \
-                          f"model {info['model']}"
+                          f"{info.get('precision', '')} model {info['model']}{reason}"
 
     def started_run(self, plan) -> None:
         """The inputs have been checked against the output folder: show the work left."""

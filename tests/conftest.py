@@ -35,3 +35,19 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not available: {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tiny_onnx, tmp_path_factory) -> Path:
+    """A folder with the tiny model.onnx and the model.int8.onnx export made from it; returns
+    the fp32 file."""
+    pytest.importorskip("onnx", reason="quantising needs onnx")
+    import shutil
+
+    from tiny import write_tiny_int8
+
+    folder = tmp_path_factory.mktemp("tiny-pair")
+    for name in ("model.onnx", "model.onnx.json"):
+        shutil.copy(tiny_onnx.with_name(name), folder / name)
+    write_tiny_int8(folder / "model.onnx")
+    return folder / "model.onnx"

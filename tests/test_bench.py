@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from retina_batch.bench import STAGE_NAMES, bench
+from retina_batch.bench import STAGE_NAMES, _cores, bench
 from retina_batch.cli import main
 from retina_batch.synth import write_synthetic
 
@@ -53,6 +53,9 @@ def _check_result(r: dict, images: int, write: bool = True) -> None:
     # Not <= 1: on runs this short, worker threads' CPU time from just outside the timed window
     # is counted too (seen up to 1.15); a real accounting bug would be off by a factor of cores.
     assert 0 < r["cpu_utilisation"] <= 1.5
+    # CPU time per image = the CPU share of the cores over an image's share of the wall time
+    assert r["host_ms_per_image"] == pytest.approx(
+        r["cpu_utilisation"] * _cores() * 1000 / r["end_to_end_ips"], rel=0.5)
     assert 0 <= r["vessel_fraction"] <= 1
 
 
@@ -73,8 +76,10 @@ def test_bench_in_process_has_every_figure(tiny_onnx, images):
     _check_result(record["naive"], 6)
     for r, bs in zip(record["results"], (1, 3), strict=True):
         _check_result(r, 6)
-        assert r["config"] == {"batch_size": bs, "workers": 1, "inflight": 2,
-                               "reduced_decode": True, "pixel_work": "host"}  # auto, no GPU
+        assert r["config"] == {"precision": "auto", "batch_size": bs, "workers": 1,
+                               "inflight": 2, "reduced_decode": True,
+                               "pixel_work": "host"}  # auto, and no GPU here
+        assert r["precision"] == "fp32"  # auto, and the tiny model has no int8 file
         assert len(r["end_to_end_runs"]) == 2
         # the ratios are the ratios of the reported figures
         assert r["efficiency"] == pytest.approx(r["end_to_end_ips"] / r["pure_inference_ips"],
@@ -124,6 +129,8 @@ def test_bench_command_json_and_table(tiny_onnx, images, tmp_path):
     (["--synthetic", "2", "--batch-size", "0"], "--batch-size"),
     (["--synthetic", "2", "--workers", "-1"], "--workers"),
     (["--synthetic", "2", "--size", "huge"], "--size"),
+    (["--synthetic", "2", "--precision", "fp32,fp16"], "--precision"),
+    (["--synthetic", "2", "--validation"], "one input"),
     ([], "--synthetic"),
     (["nowhere/at/all"], "not found"),
 ])
@@ -166,3 +173,33 @@ def test_segment_does_not_offer_the_no_inference_backend(tmp_path):
     result = CliRunner().invoke(main, ["segment", str(tmp_path), "--out", str(tmp_path / "o"),
                                        "--backend", "none"])
     assert result.exit_code == 2 and "none" in result.output
+
+
+def test_bench_precisions_alternate_and_are_scored(tiny_pair, tmp_path):
+    """--precision fp32,int8: the innermost matrix dimension (fp32 and int8 runs alternate),
+    each configuration naming the file it ran; --truth adds a Dice from an untimed run."""
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    write_synthetic(images, 3, (96, 96), "png", seed=1, masks=truth)
+    order = []
+    record = bench(images, model=tiny_pair, batch_sizes=(1, 2), workers=(1,),
+                   precisions=("fp32", "int8"), truth=truth, repeat=1, rounds=2,
+                   isolate=False, naive=False, pure_images=2,
+                   on_progress=lambda label, d, t: order.append(label) if d == t else None)
+    ran = [(r["config"]["batch_size"], r["precision"], Path(r["model"]).name)
+           for r in record["results"]]
+    assert ran == [(1, "fp32", "model.onnx"), (1, "int8", "model.int8.onnx"),
+                   (2, "fp32", "model.onnx"), (2, "int8", "model.int8.onnx")]
+    # round 1 of every configuration, then round 2: the rounds interleave
+    assert [label.split("(")[-1] for label in order] == ["round 1/2)"] * 4 + ["round 2/2)"] * 4
+    for r in record["results"]:
+        _check_result(r, 3)
+        assert len(r["end_to_end_runs"]) == 2  # one per round, pooled
+        assert r["truth_images"] == 3 and 0 <= r["truth_dice"] <= 1
+    # the same model at two batch sizes: the same masks, so the same Dice
+    assert record["results"][0]["truth_dice"] == record["results"][2]["truth_dice"]
+
+
+def test_bench_command_validation_needs_the_cards_photographs(tiny_onnx):
+    result = CliRunner().invoke(main, ["bench", "--validation", "--model", str(tiny_onnx)])
+    assert result.exit_code == 2 and "validation photographs are not on this disk" in \
+        " ".join(result.output.split())

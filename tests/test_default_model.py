@@ -36,8 +36,14 @@ def test_shipped_card_describes_the_shipped_weights():
 
 
 def test_onnxruntime_opens_the_shipped_model_by_default():
-    with open_backend("onnxruntime", batch_size=2) as runner:  # no --model: the shipped one
-        assert runner.model_path == default_model()
+    # no --model: the shipped one, fp32 or (on a CPU with VNNI/AMX) its int8 file beside it
+    from retina_batch.backends.precision import cpu_int8_support
+
+    with open_backend("onnxruntime", batch_size=2) as runner:
+        int8 = cpu_int8_support()[0]
+        assert runner.model_path == default_model().with_name(
+            "model.int8.onnx" if int8 else "model.onnx")
+        assert runner.describe()["precision"] == ("int8" if int8 else "fp32")
         assert runner.size == load_card(default_model())["working_size"]
         rng = np.random.default_rng(0)
         probs = runner.infer(rng.integers(0, 256, (2, runner.size, runner.size, 3), np.uint8))

@@ -68,3 +68,22 @@ def fundus_like(width: int, height: int, seed: int = 0) -> np.ndarray:
         cv2.line(img, centre, end, (20, 30, 90), max(1, min(width, height) // 100))
     return cv2.bitwise_and(img, img, mask=cv2.circle(np.zeros((height, width), np.uint8),
                                                      centre, radius, 255, -1))
+
+
+def synthetic_canvases(seeds, size: int = TINY_SIZE) -> np.ndarray:
+    """Synthetic fundus photographs prepared onto the canvas, as segment prepares them."""
+    from retina_batch.export import synthetic_fundus
+
+    return np.stack([synthetic_fundus(size, seed) for seed in seeds])
+
+
+def write_tiny_int8(fp32: Path) -> Path:
+    """model.int8.onnx + card beside a tiny model.onnx, made by the export step itself
+    (calibrated on synthetic photographs; other synthetic ones for parity)."""
+    from retina_batch.card import load_card
+    from retina_batch.quantize import Calibration, export_int8
+
+    calibration = Calibration(synthetic_canvases(range(100, 108)), ["synthetic"], "synthetic")
+    made = export_int8(fp32, load_card(fp32), synthetic_canvases(range(4)), "4 synthetic",
+                       calibration, log=lambda *a: None)
+    return Path(made["onnx_int8"])

@@ -33,15 +33,20 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def open_backend(name: str, model: str | Path | None = None, batch_size: int = 4,
-                 device: str = "auto", **options) -> Backend:
-    """Construct and open a backend by name ('auto' picks one, see auto.choose)."""
+                 device: str = "auto", precision: str = "auto", **options) -> Backend:
+    """Construct and open a backend by name ('auto' picks one, see auto.choose); `precision`
+    picks the fp32 or int8 file of an ONNX model (see precision.choose)."""
+    from .precision import choose as choose_precision
+
     if name == "auto":
         from .auto import choose
 
         name, model = choose(model, device)
     cls = backend_class(name)
-    return cls(resolve_model(model, name), batch_size=batch_size, device=device,
-               **options).open()
+    choice = choose_precision(resolve_model(model, name), precision, name, device)
+    runner = cls(choice.path, batch_size=batch_size, device=device, **options)
+    runner.precision_reason = choice.reason
+    return runner.open()
 
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailable", "backend_class", "open_backend",

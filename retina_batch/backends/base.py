@@ -31,10 +31,15 @@ class Backend(abc.ABC):
     """Base class: subclasses implement `_open`, `submit` and `_close`."""
 
     name: str = "?"
+    # Why this model file (and so this precision) runs; set by open_backend's precision choice.
+    precision_reason: str = ""
 
     def __init__(self, model: str | Path, batch_size: int = 4, device: str = "auto"):
+        from .precision import model_precision
+
         self.model_path = Path(model)
         self.card = load_card(self.model_path)
+        self.precision = model_precision(self.card)
         self.size = int(self.card["working_size"])
         self.threshold = float(self.card["threshold"])
         self.batch_size = batch_size
@@ -86,7 +91,8 @@ class Backend(abc.ABC):
     def describe(self) -> dict:
         """What ran, for summaries and benchmark records."""
         return {"backend": self.name, "model": str(self.model_path),
-                "model_sha256": self.card.get("sha256"), "device": self.device}
+                "model_sha256": self.card.get("sha256"), "device": self.device,
+                "precision": self.precision, "precision_reason": self.precision_reason}
 
     def accepts(self, size: int) -> bool:
         """Whether the model takes a size x size canvas: a fixed-size graph takes one size,

@@ -1,0 +1,84 @@
+"""Which photographs a model card names (card.card_pairs): export's parity images, int8
+calibration and `bench --validation` read them from both card forms: one data folder with bare
+keys, and multi-dataset training (`datasets[*]` with `path`, keys `dataset/stem`)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from retina_batch.bench import validation_list
+from retina_batch.card import card_pairs, card_photographs, write_json_atomic
+from retina_batch.export import _card_images, parity_images
+
+
+def _dataset(root, image_dir, mask_dir, stems):
+    for folder in (root / image_dir, root / mask_dir):
+        folder.mkdir(parents=True)
+    for stem in stems:
+        cv2.imwrite(str(root / image_dir / f"{stem}.png"), np.full((40, 50, 3), 90, np.uint8))
+        cv2.imwrite(str(root / mask_dir / f"{stem}.png"), np.zeros((40, 50), np.uint8))
+    return root
+
+
+@pytest.fixture
+def two_sets(tmp_path):
+    """Both sets have a `1.png`: only the dataset prefix tells them apart."""
+    return (_dataset(tmp_path / "rbv" / "train", "image", "mask", range(6)),
+            _dataset(tmp_path / "les-av", "images", "vessels", (1, 37, 119)))
+
+
+def test_single_folder_card(two_sets):
+    rbv, _ = two_sets
+    card = {"training": {"data": str(rbv), "images_train": ["0", "2", "3", "5"],
+                         "images_val": ["1", "4"]}}
+    assert card_photographs(card, "val") == [rbv / "image" / "1.png", rbv / "image" / "4.png"]
+    assert [key for _, _, key in card_pairs(card, "train")] == ["0", "2", "3", "5"]
+    assert _card_images(card) == card_photographs(card, "val")
+
+
+def test_multi_dataset_card(two_sets):
+    rbv, lesav = two_sets
+    card = {"training": {
+        "data": [str(rbv), str(lesav)],
+        "datasets": [{"name": "retina-blood-vessel", "path": str(rbv), "images_train": 4,
+                      "images_val": ["retina-blood-vessel/1", "retina-blood-vessel/4"]},
+                     {"name": "les-av", "path": str(lesav), "images_train": 2,
+                      "images_val": ["les-av/37"]}],
+        "images_train": ["retina-blood-vessel/0", "retina-blood-vessel/2", "les-av/1",
+                         "les-av/119"],
+        "images_val": ["retina-blood-vessel/1", "retina-blood-vessel/4", "les-av/37"]}}
+    assert card_pairs(card, "val") == [
+        (rbv / "image" / "1.png", rbv / "mask" / "1.png", "retina-blood-vessel/1"),
+        (rbv / "image" / "4.png", rbv / "mask" / "4.png", "retina-blood-vessel/4"),
+        (lesav / "images" / "37.png", lesav / "vessels" / "37.png", "les-av/37")]
+    # les-av/1 is training data, retina-blood-vessel/1 validation: the prefix decides
+    assert card_photographs(card, "train") == [rbv / "image" / "0.png", rbv / "image" / "2.png",
+                                               lesav / "images" / "1.png",
+                                               lesav / "images" / "119.png"]
+    images, described = parity_images(32, card, count=4)
+    assert images.shape == (3, 32, 32, 3) and "3 photographs" in described
+
+
+def test_card_whose_data_is_elsewhere_names_nothing(tmp_path):
+    card = {"training": {"data": str(tmp_path / "nowhere"), "images_val": ["1"]}}
+    assert card_pairs(card, "val") == [] and _card_images(card) == []
+    images, described = parity_images(32, card, count=2)
+    assert "synthetic" in described and len(images) == 2
+
+
+def test_bench_validation_pairs_truth_across_datasets(two_sets, tmp_path, tiny_onnx):
+    """Two datasets' `1.png`s must not pair with each other's annotation: the links carry the
+    dataset name."""
+    rbv, lesav = two_sets
+    card_path = tmp_path / "model" / "model.onnx.json"
+    card_path.parent.mkdir()
+    (tmp_path / "model" / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    write_json_atomic(card_path, {"working_size": 32, "threshold": 0.5, "training": {
+        "datasets": [{"name": "a", "path": str(rbv)}, {"name": "b", "path": str(lesav)}],
+        "images_val": ["a/1", "b/1"]}})
+    images, masks = validation_list(tmp_path / "model" / "model.onnx", tmp_path / "work")
+    assert sorted(p.name for p in images.iterdir()) == ["a--1.png", "b--1.png"]
+    assert sorted(p.name for p in masks.iterdir()) == ["a--1.png", "b--1.png"]
+    assert (masks / "b--1.png").resolve() == (lesav / "vessels" / "1.png").resolve()

@@ -42,6 +42,18 @@ def main():
     """
 
 
+def _scale_range(ctx, param, value: str | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("use MIN,MAX, e.g. 0.75,1.33") from None
+    if not 0 < low <= high:
+        raise click.BadParameter(f"{value}: need 0 < MIN <= MAX, e.g. 0.75,1.33")
+    return low, high
+
+
 @main.command()
 @click.argument("data_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
@@ -60,6 +72,9 @@ def main():
               type=click.Choice(["datasets", "images"]),
               help="[data] Draw training crops from each data folder equally, or from each "
                    "photograph equally.")
+@click.option("--scale", callback=_scale_range, metavar="MIN,MAX",
+              help="[data] Range of the random scale augmentation (log-uniform; default "
+                   "0.7,2.0: a 30 degree camera shows vessels ~1.5x thicker than a 45 degree one).")
 @click.option("--epochs", default=56, show_default=True, help="[schedule] Epochs.")
 @click.option("--steps", "steps_per_epoch", default=48, show_default=True,
               help="[schedule] Optimiser steps per epoch.")
@@ -79,10 +94,14 @@ def train(data_dirs, out_dir, resume, **options):
     epoch; --resume continues from it.
     """
     try:
+        from .training.augment import AugmentConfig
         from .training.dataset import DatasetError
         from .training.loop import train as run_training
     except ImportError as e:
         fail(f"training needs PyTorch ({e.name} is missing): pip install 'retina-batch[train]'")
+    scale = options.pop("scale")
+    if scale:
+        options["augment"] = AugmentConfig(scale=scale)
     try:
         card = run_training(list(data_dirs), out_dir, resume=resume, log=err.print, **options)
     except DatasetError as e:

@@ -1,6 +1,7 @@
 """Dataset pairing, the grouped split, augmentation, a few real training steps, resume, card."""
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
@@ -241,3 +242,45 @@ def test_train_cli_reports_unpaired_data_in_one_line(tmp_path):
     assert result.exit_code == 2
     assert "21_training.tif" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()  # a refused run leaves no folder behind
+
+
+def test_train_cli_crop_and_scale_reach_the_augmentation(tmp_path, monkeypatch):
+    """--crop is the side of the views the augmentation cuts (it once stayed 256 whatever
+    --crop said) and --scale its scale range; both are what the card's recipe records."""
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+    from retina_batch.training import loop
+
+    seen = []
+    original = loop.augment
+
+    def spy(image, target, fov, rng, cfg):
+        out = original(image, target, fov, rng, cfg)
+        seen.append((out[0].shape, cfg.scale))
+        return out
+
+    monkeypatch.setattr(loop, "augment", spy)
+    data = make_dataset(tmp_path / "data", "rbv", n=8)
+    opts = tiny_options(epochs=1)
+    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.75,1.33"]
+    for key in ("width", "depth", "size", "crop", "batch_size", "epochs", "threads"):
+        argv += [f"--{key.replace('_', '-')}", str(opts[key])]
+    argv += ["--steps", str(opts["steps_per_epoch"]), "--val-fraction", str(opts["val_fraction"])]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    assert seen and all(shape[:2] == (32, 32) and scale == (0.75, 1.33) for shape, scale in seen)
+    recipe = json.loads((tmp_path / "run" / "model.json").read_text())["training"]["recipe"]
+    assert recipe["augment"]["crop"] == 32 and recipe["augment"]["scale"] == [0.75, 1.33]
+
+
+@pytest.mark.parametrize("scale", ["2,1", "0,1", "1", "a,b"])
+def test_train_cli_refuses_a_bad_scale_range_in_one_line(tmp_path, scale):
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(tmp_path), "--out", str(tmp_path / "run"),
+                                       "--scale", scale])
+    assert result.exit_code == 2 and "--scale" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()

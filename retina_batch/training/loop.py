@@ -11,7 +11,7 @@ import csv
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,6 +52,12 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        # `crop` is the training crop side; the augmentation cuts its views at that side (it
+        # used to keep its own default of 256 whatever --crop said).
+        if self.augment.crop != self.crop:
+            self.augment = replace(self.augment, crop=self.crop)
 
 
 def _device(name: str) -> torch.device:

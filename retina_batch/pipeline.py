@@ -233,12 +233,7 @@ class Pipeline:
             plan = self._process(source, t0)
             view = refresh_view(self.ledger, self.layout.metrics_path) \
                 if self.opt.write and not self.opt.shard else None
-            self.tally.counts["skipped"] = plan.done
-            summary = build_summary(
-                tally=self.tally, found=plan.found, folder=self.ledger.totals(),
-                wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
-                run_id=self.run_id, threshold=self.threshold, backend=self.backend,
-                model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+            summary = self._summary(plan, started, t0, model, view)
             if self.opt.shard:
                 summary["shard"] = {"index": self.opt.shard.index, "count": self.opt.shard.count,
                                     "writer": self.opt.shard.writer}
@@ -395,6 +390,15 @@ class Pipeline:
         self.on_row(row)
 
     # --- what the summary says about the run ------------------------------------------------
+    def _summary(self, plan: Plan, started, t0: float, model: dict, view) -> dict:
+        """The run's summary (one definition for the local and the Ray driver)."""
+        self.tally.counts["skipped"] = plan.done
+        return build_summary(
+            tally=self.tally, found=plan.found, folder=self.ledger.totals(),
+            wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
+            run_id=self.run_id, threshold=self.threshold, backend=self.backend,
+            model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+
     def _settings(self) -> dict:
         return {"workers": self.workers, "batch_size": self.backend.batch_size,
                 "inflight": self.opt.inflight, "overwrite": self.opt.overwrite,

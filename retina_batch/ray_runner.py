@@ -50,7 +50,7 @@ from .ledger import Ledger, RunSettings, ledger_files, writer_of
 from .pipeline import Item, Options, Pipeline, _opencv_quiet, check_run
 from .records import refresh_view
 from .resume import Plan, open_ledger, plan_run
-from .summary import build_summary, model_identity
+from .summary import model_identity
 
 CPU_CORES_PER_ACTOR = 4  # ONNX Runtime on CPU uses several threads per inference call
 # What each worker reserves (Ray's accounting, not a limit). Actors reserve fractions so that
@@ -249,12 +249,7 @@ class RayPipeline(Pipeline):
             for path in actor_ledgers(self.layout.out):
                 self.ledger.absorb(path)
             view = refresh_view(self.ledger, self.layout.metrics_path)
-            self.tally.counts["skipped"] = plan.done
-            summary = build_summary(
-                tally=self.tally, found=plan.found, folder=self.ledger.totals(),
-                wall=time.perf_counter() - t0, started=started, interrupted=self.interrupted,
-                run_id=self.run_id, threshold=self.threshold, backend=self.backend,
-                model=model, settings=self._settings(), outputs=self._outputs(), view=view)
+            summary = self._summary(plan, started, t0, model, view)
             write_json_atomic(self.layout.summary_path, summary)
             return summary
         finally:

@@ -159,24 +159,44 @@ def _card_images(card: dict) -> list[Path]:
     return card_photographs(card, "val") or card_photographs(card, "train")
 
 
-def parity_images(size: int, card: dict, folder=None, count: int = 4):
-    """(uint8 count x size x size x 3 canvases, description): real photographs prepared as the
-    pipeline does (from `folder`, else the card's validation images), else synthetic ones."""
-    from .io import list_images, read_image
+def spread(files: list, count: int) -> list:
+    """`files` reordered so that the first `count` are evenly spaced over the whole list (every
+    data folder of a multi-camera card is sampled; neighbours are often copies), then the rest
+    in order as stand-ins for unreadable ones."""
+    if len(files) <= count:
+        return list(files)
+    picked = dict.fromkeys(np.linspace(0, len(files) - 1, count).round().astype(int).tolist())
+    return [files[i] for i in picked] + [f for i, f in enumerate(files) if i not in picked]
+
+
+def prepare_photographs(files: list[Path], size: int, count: int) -> tuple[np.ndarray, list]:
+    """Up to `count` photographs spread over `files`, prepared as segment prepares them:
+    (uint8 canvases, the paths used). Unreadable files are skipped: this is a sample."""
+    from .io import read_image
     from .preprocess import prepare, to_rgb8
 
-    files = list_images(folder) if folder is not None else _card_images(card)
-    files = files[::max(1, len(files) // count)]  # spread out: neighbours are often copies
-    canvases = []
-    for path in files:
+    canvases, used = [], []
+    for path in spread(files, count):
         try:
             canvases.append(prepare(to_rgb8(read_image(path)), size)[0])
         except ValueError:
             continue
+        used.append(str(path))
         if len(canvases) == count:
             break
-    if canvases:
-        return np.stack(canvases), f"{len(canvases)} photographs from {files[0].parent}"
+    return (np.stack(canvases) if canvases else np.zeros((0, size, size, 3), np.uint8)), used
+
+
+def parity_images(size: int, card: dict, folder=None, count: int = 4):
+    """(uint8 count x size x size x 3 canvases, description): real photographs prepared as the
+    pipeline does (from `folder`, else the card's validation images), else synthetic ones."""
+    from .io import list_images
+
+    files = list_images(folder) if folder is not None else _card_images(card)
+    canvases, used = prepare_photographs(files, size, count)
+    if used:
+        folders = sorted({str(Path(u).parent) for u in used})
+        return canvases, f"{len(used)} photographs from {', '.join(folders)}"
     if folder is not None:
         raise ExportError(f"--parity-images {folder}: no readable images there")
     return (np.stack([synthetic_fundus(size, seed) for seed in range(count)]),

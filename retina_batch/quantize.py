@@ -33,7 +33,7 @@ import numpy as np
 
 from .backends.base import BackendUnavailable
 from .card import sha256, write_json_atomic
-from .export import INPUT, ExportError, ParityError, compare, run_onnx
+from .export import INPUT, ExportError, ParityError, compare, prepare_photographs, run_onnx
 
 INT8_MIN_DICE = 0.99  # int8 vs fp32 masks, worst parity image: below this, no int8 file
 METHODS = ("minmax", "entropy", "percentile")
@@ -83,24 +83,6 @@ class Calibration:
 
 
 # --- calibration data ------------------------------------------------------------------------
-def prepare_photographs(files: list[Path], size: int, count: int) -> tuple[np.ndarray, list]:
-    """Up to `count` photographs spread over `files`, prepared as segment prepares them."""
-    from .io import read_image
-    from .preprocess import prepare, to_rgb8
-
-    files = files[::max(1, len(files) // count)]
-    canvases, used = [], []
-    for path in files:
-        try:
-            canvases.append(prepare(to_rgb8(read_image(path)), size)[0])
-        except ValueError:  # unreadable: a calibration set is a sample, skip it
-            continue
-        used.append(str(path))
-        if len(canvases) == count:
-            break
-    return (np.stack(canvases) if canvases else np.zeros((0, size, size, 3), np.uint8)), used
-
-
 def calibration_set(card: dict, size: int, folder=None, count: int = 16) -> Calibration | None:
     """Calibration canvases from `folder`, else from the card's training photographs; None
     when neither is at hand (no int8 model can be made then)."""

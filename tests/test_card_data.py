@@ -59,6 +59,18 @@ def test_multi_dataset_card(two_sets):
                                                lesav / "images" / "119.png"]
     images, described = parity_images(32, card, count=4)
     assert images.shape == (3, 32, 32, 3) and "3 photographs" in described
+    # fewer than there are: spread over the list, so the second camera is sampled too
+    images, described = parity_images(32, card, count=2)
+    assert images.shape == (2, 32, 32, 3)
+    assert str(rbv / "image") in described and str(lesav / "images") in described
+
+
+def test_spread_samples_the_whole_list_first_then_the_rest():
+    from retina_batch.export import spread
+
+    files = list(range(10))
+    assert spread(files, 3) == [0, 4, 9, 1, 2, 3, 5, 6, 7, 8]  # 4.5 rounds to even
+    assert spread(files, 20) == files and spread([], 2) == []
 
 
 def test_card_whose_data_is_elsewhere_names_nothing(tmp_path):

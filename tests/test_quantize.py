@@ -248,7 +248,7 @@ def test_shipped_int8_model_runs_on_the_canvases_segment_chooses(side):
 @pytest.mark.slow
 def test_shipped_int8_masks_match_fp32_on_validation_photographs(shared_data):
     """The card's claim, re-measured on 4 of the validation photographs it names."""
-    from retina_batch.quantize import prepare_photographs
+    from retina_batch.export import prepare_photographs
 
     fp32 = default_model()
     card = load_card(fp32)

@@ -263,15 +263,15 @@ def test_train_cli_crop_and_scale_reach_the_augmentation(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "augment", spy)
     data = make_dataset(tmp_path / "data", "rbv", n=8)
     opts = tiny_options(epochs=1)
-    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.75,1.33"]
+    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.8,1.25"]
     for key in ("width", "depth", "size", "crop", "batch_size", "epochs", "threads"):
         argv += [f"--{key.replace('_', '-')}", str(opts[key])]
     argv += ["--steps", str(opts["steps_per_epoch"]), "--val-fraction", str(opts["val_fraction"])]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
-    assert seen and all(shape[:2] == (32, 32) and scale == (0.75, 1.33) for shape, scale in seen)
+    assert seen and all(shape[:2] == (32, 32) and scale == (0.8, 1.25) for shape, scale in seen)
     recipe = json.loads((tmp_path / "run" / "model.json").read_text())["training"]["recipe"]
-    assert recipe["augment"]["crop"] == 32 and recipe["augment"]["scale"] == [0.75, 1.33]
+    assert recipe["augment"]["crop"] == 32 and recipe["augment"]["scale"] == [0.8, 1.25]
 
 
 @pytest.mark.parametrize("scale", ["2,1", "0,1", "1", "a,b"])

@@ -319,6 +319,10 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     a.plot(epochs, [float(r["train_loss"]) for r in rows])
     a.set(xlabel="epoch", ylabel="train loss (BCE + Dice)")
     b.plot(epochs, [float(r["val_dice@best"]) for r in rows], label="Dice @ best threshold")
+    # several data folders: one line per camera as well, so a loss on one shows
+    for column in [c for c in rows[0] if c.startswith("val_dice@best[")]:
+        b.plot(epochs, [float(r[column]) for r in rows], label=column[len("val_dice@best"):],
+               linestyle="--")
     b.plot(epochs, [float(r["val_auc"]) for r in rows], label="ROC AUC")
     b.set(xlabel="epoch", ylabel="validation")
     b.legend()

@@ -57,8 +57,9 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     crop at GRID px, which it is for photographs on the working size (saves the largest resize
     here, ~0.8 ms of ~3 per 512 px photograph)."""
     fov = np.asarray(fov)
-    # 0/255 masks (cv2.compare) all the way: no bool arrays, no uint8 copies between steps
-    fov = cv2.compare(fov, 0, cv2.CMP_GT) if fov.dtype == np.uint8 else \
+    # 0/255 masks (cv2.threshold: > level) all the way: no bool arrays, no uint8 copies between
+    # steps. (Not cv2.compare: it takes a 1 x 1 image for the scalar operand.)
+    fov = cv2.threshold(fov, 0, 255, cv2.THRESH_BINARY)[1] if fov.dtype == np.uint8 else \
         (fov > 0).astype(np.uint8) * 255
     if fov.shape != rgb.shape[:2]:
         fov = cv2.resize(fov, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
@@ -69,7 +70,7 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     box = (x, y, x + w, y + h)
     canvas = made[0] if made is not None and tuple(made[1]) == box and \
         made[0].shape == (GRID, GRID, 3) else letterbox(rgb, box, GRID)[0]
-    inside = cv2.compare(letterbox(fov, box, GRID)[0], 128, cv2.CMP_GE)
+    inside = cv2.threshold(letterbox(fov, box, GRID)[0], 127, 255, cv2.THRESH_BINARY)[1]
     side = 2 * INNER_MARGIN + 1
     inside = cv2.erode(inside, np.ones((side, side), np.uint8))
     count = cv2.countNonZero(inside)

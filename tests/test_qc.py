@@ -131,6 +131,17 @@ def test_image_quality_is_the_definition_bit_for_bit(seed, size):
     assert image_quality(rgb, fov.astype(np.float32) * 7) == expected
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (4, 1), (2, 3)])
+def test_image_quality_of_tiny_images(shape):
+    """Images of a few pixels (segment takes them): the definition's values, any mask type."""
+    rgb = np.random.default_rng(1).integers(0, 255, shape + (3,), np.uint8)
+    expected = quality_by_definition(rgb, np.ones(shape, np.uint8))
+    for fov in (np.ones(shape, np.uint8), np.ones(shape, bool), np.ones(shape, np.float32)):
+        assert image_quality(rgb, fov) == expected
+    assert image_quality(rgb, np.zeros(shape, np.uint8)) == dict.fromkeys(
+        ["qc_brightness", "qc_contrast", "qc_sharpness"])
+
+
 def test_a_canvas_made_by_the_caller_is_used_only_when_it_is_the_grid(photograph):
     """segment hands over its model canvas (`made`); it must be the FOV crop at GRID px."""
     rgb, fov = photograph

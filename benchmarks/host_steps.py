@@ -3,9 +3,11 @@
     python benchmarks/host_steps.py /tmp/hc/in512jpg [--images 60] [--repeat 3]
 
 Steps as the pipeline runs them: decode (reduced for large JPEGs), to RGB, FOV thumbnail, FOV
-decisions, letterbox, back to the original size + threshold + FOV (on a smooth random canvas
-map, the model's output is not needed for the cost), 1-bit PNG encode, atomic write (to a
-temporary folder).
+decisions, letterbox, quality flags (qc.image_quality, reusing the canvas where segment does),
+back to the original size + threshold + FOV (on a smooth random canvas map, the model's output
+is not needed for the cost), the vessel measurements of an empty mask (what `bench --backend
+none` measures; a real mask costs ~10 ms more, benchmarks/measure_cost.py), 1-bit PNG encode,
+atomic write (to a temporary folder).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 
 from retina_batch.io import decode, encode_mask, list_images, write_atomic
+from retina_batch.measure import measure_mask
 from retina_batch.preprocess import (
     fov_from_thumbnail,
     fov_thumbnail,
@@ -28,6 +31,7 @@ from retina_batch.preprocess import (
     threshold_in_fov,
     to_rgb8,
 )
+from retina_batch.qc import image_quality
 
 
 def main(argv=None) -> int:
@@ -50,14 +54,18 @@ def main(argv=None) -> int:
         cost[name] += time.process_time() - start
         return result
 
-    for _ in range(args.repeat):
-        for path in files:
+    for rounds in range(args.repeat + 1):
+        if rounds == 1:  # the first round warms up (lazy imports, caches): not counted
+            cost.clear()
+        for path in files[:1] if rounds == 0 else files:
             raw, size, _ = step("decode", decode, path, args.canvas)
             rgb = step("to_rgb8", to_rgb8, raw)
             thumb = step("fov_thumbnail", fov_thumbnail, rgb)
             fov = step("fov_decisions", fov_from_thumbnail, thumb, rgb.shape[1::-1])
-            _, lb = step("letterbox", letterbox, rgb, fov.box, args.canvas, size)
+            canvas, lb = step("letterbox", letterbox, rgb, fov.box, args.canvas, size)
+            step("quality", image_quality, rgb, fov.mask, (canvas, lb.source_box))
             masked = step("threshold_in_fov", threshold_in_fov, canvas_map, lb, fov.mask, 0.45)
+            step("measure_empty", measure_mask, np.zeros_like(masked.mask), masked.fov)
             data = step("png_1bit", encode_mask, masked.mask)
             step("write_atomic", write_atomic, out / path.with_suffix(".png").name, data)
     n = args.repeat * len(files)

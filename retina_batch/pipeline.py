@@ -146,7 +146,7 @@ class Pipeline:
             canvas = choose_canvas((width, height), self.backend.size, self.policy)
             self.pixels.place(item, rgb, fov.box, canvas, (width, height))
             item.row["canvas"] = canvas
-            item.row.update(image_quality(rgb, fov.mask))
+            item.row.update(image_quality(rgb, fov.mask, self.pixels.made(item)))
             item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb

@@ -43,6 +43,11 @@ class HostPixels:
         """item.canvas: what the backend is given (here the letterboxed canvas)."""
         item.canvas, item.letterbox = letterbox(rgb, box, canvas, size)
 
+    def made(self, item):
+        """(canvas, crop) when `place` letterboxed the photograph on the host, else None: the
+        quality flags reuse the canvas when it is their grid (qc.image_quality)."""
+        return item.canvas, item.letterbox.source_box
+
     def submit(self, items: list, canvas: int) -> Future:
         """A Future of one result per item, in order (here canvas probabilities)."""
         return self.backend.submit(np.stack([it.canvas for it in items]))
@@ -62,6 +67,9 @@ class DevicePixels(HostPixels):
         # this same plan (preprocess.plan_letterbox) to the photograph itself.
         item.canvas = rgb
         item.letterbox = plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, size)
+
+    def made(self, item):
+        return None  # item.canvas is the photograph itself
 
     def submit(self, items: list, canvas: int) -> Future:
         # One probability map per image is fetched for the whole batch when any image needs

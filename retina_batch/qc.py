@@ -48,10 +48,19 @@ THRESHOLDS = {
 }
 
 
-def image_quality(rgb: np.ndarray, fov: np.ndarray) -> dict:
+def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     """qc_brightness, qc_contrast, qc_sharpness of an RGB uint8 photograph whose field of view
-    is `fov` (any size; resized to the photograph's). None where the FOV has no inside."""
-    fov = (np.asarray(fov) > 0).astype(np.uint8)
+    is `fov` (any size; resized to the photograph's). None where the FOV has no inside.
+
+    `made`: (canvas, source_box) when the caller has already letterboxed `rgb`'s crop
+    `source_box` onto a canvas (segment's model canvas): used as the grid when it is the same
+    crop at GRID px, which it is for photographs on the working size (saves the largest resize
+    here, ~0.8 ms of ~3 per 512 px photograph)."""
+    fov = np.asarray(fov)
+    # 0/255 masks (cv2.threshold: > level) all the way: no bool arrays, no uint8 copies between
+    # steps. (Not cv2.compare: it takes a 1 x 1 image for the scalar operand.)
+    fov = cv2.threshold(fov, 0, 255, cv2.THRESH_BINARY)[1] if fov.dtype == np.uint8 else \
+        (fov > 0).astype(np.uint8) * 255
     if fov.shape != rgb.shape[:2]:
         fov = cv2.resize(fov, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_NEAREST)
     x, y, w, h = cv2.boundingRect(fov)
@@ -59,24 +68,35 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray) -> dict:
     if w == 0:
         return empty
     box = (x, y, x + w, y + h)
-    canvas = letterbox(rgb, box, GRID)[0]
-    inside = letterbox(fov * 255, box, GRID)[0] >= 128
+    canvas = made[0] if made is not None and tuple(made[1]) == box and \
+        made[0].shape == (GRID, GRID, 3) else letterbox(rgb, box, GRID)[0]
+    inside = cv2.threshold(letterbox(fov, box, GRID)[0], 127, 255, cv2.THRESH_BINARY)[1]
     side = 2 * INNER_MARGIN + 1
-    inside = cv2.erode(inside.astype(np.uint8) * 255, np.ones((side, side), np.uint8))
-    if cv2.countNonZero(inside) < 100:
+    inside = cv2.erode(inside, np.ones((side, side), np.uint8))
+    count = cv2.countNonZero(inside)
+    if count < 100:
         return empty
-    green = canvas[:, :, 1].astype(np.float32)
+    green = cv2.extractChannel(canvas, 1)
+    green_mean = _mean_u8(green, inside, count)
+    green = green.astype(np.float32)
     # The slow bands at half resolution, where they cost a quarter (pyrDown is itself a
     # Gaussian of sigma 1: sqrt(sigma^2 - 1) / 2 at half size makes up a full-size sigma).
     half, half_inside = cv2.pyrDown(green), inside[::2, ::2].copy()
     g4, g8 = (cv2.GaussianBlur(half, (0, 0), math.sqrt(s * s - 1) / 2) for s in (4.0, 8.0))
-    brightness = cv2.mean(cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY), mask=inside)[0]
-    contrast = _spread(half, g8, half_inside) / max(cv2.mean(green, mask=inside)[0], 1.0)
+    brightness = _mean_u8(cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY), inside, count)
+    contrast = _spread(half, g8, half_inside) / max(green_mean, 1.0)
     finest = _spread(cv2.GaussianBlur(green, (0, 0), 0.5), cv2.GaussianBlur(green, (0, 0), 1.0),
                      inside)
     sharpness = finest / max(_spread(half, g4, half_inside), 1e-3)
     return {"qc_brightness": round(brightness, 2), "qc_contrast": round(contrast, 5),
             "qc_sharpness": round(sharpness, 4)}
+
+
+def _mean_u8(values: np.ndarray, inside: np.ndarray, count: int) -> float:
+    """cv2.mean(values, mask=inside) of a uint8 image and a 0/255 mask with `count` pixels set,
+    bit for bit (an exact integer sum times 1 / count, as OpenCV computes it), ~7x faster:
+    OpenCV's masked mean does not vectorise, bitwise_and and sum do."""
+    return cv2.sumElems(cv2.bitwise_and(values, inside))[0] * (1.0 / count)
 
 
 def _spread(a: np.ndarray, b: np.ndarray, inside: np.ndarray) -> float:

@@ -13,7 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from retina_batch.cli import main
-from retina_batch.measure import COLUMNS, GRID, fractal_dimension, measure_mask
+from retina_batch.measure import (
+    COLUMNS,
+    GRID,
+    fractal_dimension,
+    measure_grid,
+    measure_mask,
+    to_grid,
+)
 
 YY, XX = np.mgrid[0:GRID, 0:GRID].astype(float)
 
@@ -177,9 +184,24 @@ def test_empty_mask():
     assert m["fractal_dimension"] is m["calibre_median_px"] is m["tortuosity"] is None
 
 
+@pytest.mark.parametrize("shape,fov_shape", [((100, 120), None), ((GRID, GRID), (64, 64)),
+                                             ((1500, 1100), (256, 190))])
+def test_an_empty_mask_measures_as_the_grid_would(shape, fov_shape):
+    """measure_mask skips the grid for an empty mask (segment's every image behind --backend
+    none, and any image without vessels): the same columns as measuring the empty grid."""
+    fov = None
+    if fov_shape:
+        fov = np.zeros(fov_shape, np.uint8)
+        cv2.circle(fov, (fov_shape[1] // 2, fov_shape[0] // 2), min(fov_shape) // 3, 1, -1)
+    for mask in (np.zeros(shape, np.uint8), np.zeros(shape, bool), np.zeros(shape, np.float32)):
+        grid = to_grid(mask, np.ones(shape) if fov is None else fov)
+        assert measure_mask(mask, fov) == measure_grid(*grid)
+
+
 def test_empty_fov_is_an_error():
-    with pytest.raises(ValueError, match="empty"):
-        measure_mask(np.ones((50, 50)), np.zeros((50, 50)))
+    for mask in (np.ones((50, 50)), np.zeros((50, 50)), np.zeros((50, 50), np.uint8)):
+        with pytest.raises(ValueError, match="empty"):
+            measure_mask(mask, np.zeros((50, 50)))
 
 
 # --- the command ---------------------------------------------------------------------------

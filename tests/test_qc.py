@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from retina_batch.io import index_by_key, list_images, pair_key, read_image, read_mask
-from retina_batch.preprocess import detect_fov, to_rgb8
-from retina_batch.qc import THRESHOLDS, flags, image_quality, reasons
+from retina_batch.measure import GRID
+from retina_batch.preprocess import detect_fov, letterbox, to_rgb8
+from retina_batch.qc import INNER_MARGIN, THRESHOLDS, flags, image_quality, reasons
 from retina_batch.synth import synthesize
 
 IMAGE_FLAGS = {"no_fov", "dark", "bright", "low_contrast", "blurred"}
@@ -88,6 +89,77 @@ def test_statistics_do_not_depend_on_resolution(photograph):
         assert b[key] == pytest.approx(a[key], rel=0.1), key
 
 
+# --- the fast implementation against the definition --------------------------------------
+
+def quality_by_definition(rgb: np.ndarray, fov: np.ndarray) -> dict:
+    """The module docstring's statistics written plainly (the implementation before the host
+    cost work: bool masks, float32 green, OpenCV's masked mean)."""
+    fov = (fov > 0).astype(np.uint8)
+    if fov.shape != rgb.shape[:2]:
+        fov = cv2.resize(fov, rgb.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+    x, y, w, h = cv2.boundingRect(fov)
+    box = (x, y, x + w, y + h)
+    canvas = letterbox(rgb, box, GRID)[0]
+    inside = (letterbox(fov * 255, box, GRID)[0] >= 128).astype(np.uint8) * 255
+    inside = cv2.erode(inside, np.ones((2 * INNER_MARGIN + 1,) * 2, np.uint8))
+    green = canvas[:, :, 1].astype(np.float32)
+    half, half_inside = cv2.pyrDown(green), inside[::2, ::2].copy()
+
+    def spread(a, b, mask):
+        return float(cv2.meanStdDev(a - b, mask=mask)[1][0, 0])
+
+    def band(image, sigma):
+        return cv2.GaussianBlur(image, (0, 0), sigma)
+
+    contrast = spread(half, band(half, 63 ** 0.5 / 2), half_inside) / max(
+        cv2.mean(green, mask=inside)[0], 1.0)
+    sharpness = spread(band(green, 0.5), band(green, 1.0), inside) / max(
+        spread(half, band(half, 15 ** 0.5 / 2), half_inside), 1e-3)
+    gray = cv2.cvtColor(canvas, cv2.COLOR_RGB2GRAY)
+    return {"qc_brightness": round(cv2.mean(gray, mask=inside)[0], 2),
+            "qc_contrast": round(contrast, 5), "qc_sharpness": round(sharpness, 4)}
+
+
+@pytest.mark.parametrize("seed,size", [(4, (768, 576)), (5, (512, 512)), (6, (1000, 700))])
+def test_image_quality_is_the_definition_bit_for_bit(seed, size):
+    bgr, _ = synthesize(*size, seed=seed)
+    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    fov = detect_fov(rgb).mask
+    expected = quality_by_definition(rgb, fov)
+    assert image_quality(rgb, fov) == expected
+    assert image_quality(rgb, fov.astype(bool)) == expected  # any mask type
+    assert image_quality(rgb, fov.astype(np.float32) * 7) == expected
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (4, 1), (2, 3)])
+def test_image_quality_of_tiny_images(shape):
+    """Images of a few pixels (segment takes them): the definition's values, any mask type."""
+    rgb = np.random.default_rng(1).integers(0, 255, shape + (3,), np.uint8)
+    expected = quality_by_definition(rgb, np.ones(shape, np.uint8))
+    for fov in (np.ones(shape, np.uint8), np.ones(shape, bool), np.ones(shape, np.float32)):
+        assert image_quality(rgb, fov) == expected
+    assert image_quality(rgb, np.zeros(shape, np.uint8)) == dict.fromkeys(
+        ["qc_brightness", "qc_contrast", "qc_sharpness"])
+
+
+def test_a_canvas_made_by_the_caller_is_used_only_when_it_is_the_grid(photograph):
+    """segment hands over its model canvas (`made`); it must be the FOV crop at GRID px."""
+    rgb, fov = photograph
+    fov = detect_fov(rgb)
+    plain = image_quality(rgb, fov.mask)
+    canvas, lb = letterbox(rgb, fov.box, GRID)
+    assert image_quality(rgb, fov.mask, (canvas, lb.source_box)) == plain
+    # Proof that it is used when it fits: a darkened canvas of the same crop reads darker.
+    darker = image_quality(rgb, fov.mask, (canvas // 2, lb.source_box))
+    assert darker["qc_brightness"] < plain["qc_brightness"] * 0.6
+    # Another crop, or another canvas size (768 for large photographs): not the grid, ignored.
+    x0, y0, x1, y1 = fov.box
+    other = (x0 + 8, y0, x1, y1)
+    assert image_quality(rgb, fov.mask, (letterbox(rgb, other, GRID)[0] // 2, other)) == plain
+    big, big_lb = letterbox(rgb, fov.box, 768)
+    assert image_quality(rgb, fov.mask, (big // 2, big_lb.source_box)) == plain
+
+
 # --- the real photographs ---------------------------------------------------------------
 
 def real_photographs(data):
@@ -117,6 +189,12 @@ def test_real_photographs_pass_and_their_degradations_are_flagged(shared_data):
             if expected not in image_flags(degrade(rgb, fov, kind, level), fov):
                 missed.append((name, kind, level))
     assert not missed
+
+
+@pytest.mark.shared_data
+def test_image_quality_is_the_definition_on_real_photographs(shared_data):
+    for name, rgb, fov in real_photographs(shared_data):
+        assert image_quality(rgb, fov) == quality_by_definition(rgb, fov), name
 
 
 def test_thresholds_are_ordered():

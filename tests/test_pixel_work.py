@@ -143,7 +143,8 @@ def test_device_pixel_work_gives_the_host_paths_masks_rows_and_ledger(tmp_path, 
         assert summary["counts"]["ok"] == 4 and summary["counts"]["error"] == 1
     fractions = assert_same_results(src, tmp_path / "host" / "masks",
                                     tmp_path / "device" / "masks", 5)
-    assert all(0.02 < f < 0.6 for f in fractions), fractions  # masks worth comparing
+    # masks worth comparing (the shipped model finds 1-15 % vessels on these synthetic images)
+    assert all(0.01 < f < 0.6 for f in fractions), fractions
     for name in ("shrinks", "reduced", "grows", "sub/second"):
         probs = [cv2.imread(str(tmp_path / flow / "prob" / f"{name}.png"),
                             cv2.IMREAD_GRAYSCALE) for flow in ("host", "device")]

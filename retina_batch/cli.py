@@ -80,6 +80,9 @@ def _scale_range(ctx, param, value: str | None) -> tuple[float, float] | None:
               help="[schedule] Optimiser steps per epoch.")
 @click.option("--batch-size", default=8, show_default=True, help="[schedule] Crops per step.")
 @click.option("--lr", default=3e-3, show_default=True, help="[schedule] Peak learning rate.")
+@click.option("--loss", default="bce+dice", show_default=True,
+              type=click.Choice(["bce+dice", "bce"]),
+              help="[schedule] Training loss: BCE + soft Dice, or BCE alone.")
 @click.option("--seed", default=0, show_default=True, help="[run] Random seed.")
 @click.option("--device", default="auto", show_default=True, help="[run] auto, cpu, cuda.")
 @click.option("--threads", default=0, help="[run] PyTorch CPU threads (0: all cores).")

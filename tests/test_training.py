@@ -284,3 +284,46 @@ def test_train_cli_refuses_a_bad_scale_range_in_one_line(tmp_path, scale):
                                        "--scale", scale])
     assert result.exit_code == 2 and "--scale" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("asked", [None, "bce"])
+def test_train_cli_loss_choice_is_the_loss_trained_on(tmp_path, monkeypatch, asked):
+    """--loss picks the training loss (default BCE + soft Dice) and the card records it."""
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+    from retina_batch.training import loop
+
+    called = []
+    for name, fn in list(loop.LOSSES.items()):
+        def spy(logits, target, name=name, fn=fn):
+            called.append(name)
+            return fn(logits, target)
+        monkeypatch.setitem(loop.LOSSES, name, spy)
+    data = make_dataset(tmp_path / "data", "rbv", n=8)
+    opts = tiny_options(epochs=1)
+    argv = ["train", str(data), "--out", str(tmp_path / "run")]
+    argv += ["--loss", asked] if asked else []
+    for key in ("width", "depth", "size", "crop", "batch_size", "epochs", "threads"):
+        argv += [f"--{key.replace('_', '-')}", str(opts[key])]
+    argv += ["--steps", str(opts["steps_per_epoch"]), "--val-fraction", str(opts["val_fraction"])]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    expected = asked or "bce+dice"
+    assert called and set(called) == {expected}
+    recipe = json.loads((tmp_path / "run" / "model.json").read_text())["training"]["recipe"]
+    assert recipe["loss"] == expected
+
+
+def test_bce_loss_is_plain_cross_entropy_and_the_default_adds_soft_dice():
+    import torch
+
+    from retina_batch.training.loss import LOSSES, soft_dice_loss
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, -3.0]])
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    p = torch.sigmoid(logits)
+    by_hand = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    assert torch.isclose(LOSSES["bce"](logits, target), by_hand)
+    assert torch.isclose(LOSSES["bce+dice"](logits, target),
+                         by_hand + soft_dice_loss(logits, target))

@@ -25,7 +25,7 @@ from ..model import AttentionUNet, InferenceModel, UNetConfig, count_parameters,
 from ..preprocess import unletterbox
 from .augment import AugmentConfig, augment
 from .dataset import Sample, load_sample, open_datasets, split_by_group
-from .loss import bce_dice_loss
+from .loss import LOSSES
 
 THRESHOLDS = np.round(np.arange(0.30, 0.71, 0.05), 2)
 
@@ -48,6 +48,7 @@ class TrainConfig:
     # "datasets": every step draws from each data folder equally, so a small second camera is
     # not drowned by a large first one; "images": every photograph equally.
     balance: str = "datasets"
+    loss: str = "bce+dice"  # training.loss.LOSSES
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -190,7 +191,7 @@ class Trainer:
             x = images.permute(0, 3, 1, 2).float() / 255.0
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 logits = self.net(standardise(x))
-                loss = bce_dice_loss(logits, targets)
+                loss = LOSSES[cfg.loss](logits, targets)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -317,7 +318,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     epochs = [int(r["epoch"]) for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
     a.plot(epochs, [float(r["train_loss"]) for r in rows])
-    a.set(xlabel="epoch", ylabel="train loss (BCE + Dice)")
+    a.set(xlabel="epoch", ylabel="train loss")
     b.plot(epochs, [float(r["val_dice@best"]) for r in rows], label="Dice @ best threshold")
     # several data folders: one line per camera as well, so a loss on one shows
     for column in [c for c in rows[0] if c.startswith("val_dice@best[")]:
@@ -338,6 +339,8 @@ def train(data_dirs, out_dir: str, resume: bool = False, log=print, **options) -
         data_dirs = [data_dirs]
     if options.get("balance", "datasets") not in ("datasets", "images"):
         raise ValueError("balance must be 'datasets' or 'images'")
+    if options.get("loss", "bce+dice") not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
     cfg = TrainConfig(data_dirs=[str(d) for d in data_dirs], out_dir=str(out_dir), **options)
     if cfg.epochs < 1 or cfg.steps_per_epoch < 1:
         raise ValueError("epochs and steps per epoch must be at least 1")

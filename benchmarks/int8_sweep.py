@@ -36,9 +36,10 @@ from pathlib import Path
 import numpy as np
 
 from retina_batch.backends.base import default_model
+from retina_batch.backends.onnxruntime import session_options
 from retina_batch.bench import contention, machine_info
 from retina_batch.card import card_pairs, card_photographs, load_card
-from retina_batch.export import compare, run_onnx
+from retina_batch.export import compare, prepare_photographs, run_onnx
 from retina_batch.io import list_images, read_image, read_mask
 from retina_batch.metrics import Confusion, scores
 from retina_batch.preprocess import prepare, to_rgb8, unletterbox
@@ -46,7 +47,6 @@ from retina_batch.quantize import (
     ACTIVATIONS,
     METHODS,
     Settings,
-    prepare_photographs,
     quantize_graph,
 )
 
@@ -100,11 +100,8 @@ def session(path: Path):
     """An ONNX Runtime session with the segment backend's options (all cores, no spinning)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = os.cpu_count() or 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(ort, os.cpu_count() or 1),
+                                providers=["CPUExecutionProvider"])
 
 
 def timed_pair(fp32: Path, int8: Path, images: np.ndarray, rounds: int,

@@ -13,6 +13,10 @@ import os
 from pathlib import Path
 
 CARD_VERSION = 1
+# The parity gate of int8 files: export writes model.int8.onnx only when its masks agree with
+# fp32's to at least this Dice on every parity image, and `--precision auto` ignores one whose
+# card records less.
+INT8_MIN_DICE = 0.99
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -32,10 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import BackendUnavailable
-from .card import sha256, write_json_atomic
+from .card import INT8_MIN_DICE, sha256, write_json_atomic
 from .export import INPUT, ExportError, ParityError, compare, prepare_photographs, run_onnx
 
-INT8_MIN_DICE = 0.99  # int8 vs fp32 masks, worst parity image: below this, no int8 file
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
 # ConvTranspose stays float: ONNX Runtime's CPU provider has no int8 kernel for it, so its

@@ -17,9 +17,15 @@ from tiny import TINY_SIZE, fundus_like, synthetic_canvases, write_tiny_checkpoi
 
 from retina_batch import export as ex  # noqa: E402
 from retina_batch.backends.base import default_model  # noqa: E402
-from retina_batch.card import card_photographs, load_card, sha256, write_json_atomic  # noqa: E402
+from retina_batch.card import (  # noqa: E402
+    INT8_MIN_DICE,
+    card_photographs,
+    load_card,
+    sha256,
+    write_json_atomic,
+)
 from retina_batch.cli import main  # noqa: E402
-from retina_batch.quantize import INT8_MIN_DICE, Settings, quantize_graph  # noqa: E402
+from retina_batch.quantize import Settings, quantize_graph  # noqa: E402
 
 
 @pytest.fixture(scope="module")

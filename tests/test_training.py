@@ -157,6 +157,13 @@ def tiny_options(**extra):
                    epochs=2, val_fraction=0.25, threads=1), **extra}
 
 
+def tiny_cli_options(**extra) -> list[str]:
+    """tiny_options as `retina-batch train` flags."""
+    flags = {"steps_per_epoch": "--steps"}
+    return [arg for key, value in tiny_options(**extra).items()
+            for arg in (flags.get(key, f"--{key.replace('_', '-')}"), str(value))]
+
+
 def test_a_few_steps_reduce_the_loss():
     from retina_batch.model import AttentionUNet, UNetConfig, standardise
     from retina_batch.training.loss import bce_dice_loss
@@ -262,11 +269,8 @@ def test_train_cli_crop_and_scale_reach_the_augmentation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "augment", spy)
     data = make_dataset(tmp_path / "data", "rbv", n=8)
-    opts = tiny_options(epochs=1)
-    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.8,1.25"]
-    for key in ("width", "depth", "size", "crop", "batch_size", "epochs", "threads"):
-        argv += [f"--{key.replace('_', '-')}", str(opts[key])]
-    argv += ["--steps", str(opts["steps_per_epoch"]), "--val-fraction", str(opts["val_fraction"])]
+    argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.8,1.25",
+            *tiny_cli_options(epochs=1)]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     assert seen and all(shape[:2] == (32, 32) and scale == (0.8, 1.25) for shape, scale in seen)
@@ -301,12 +305,8 @@ def test_train_cli_loss_choice_is_the_loss_trained_on(tmp_path, monkeypatch, ask
             return fn(logits, target)
         monkeypatch.setitem(loop.LOSSES, name, spy)
     data = make_dataset(tmp_path / "data", "rbv", n=8)
-    opts = tiny_options(epochs=1)
-    argv = ["train", str(data), "--out", str(tmp_path / "run")]
+    argv = ["train", str(data), "--out", str(tmp_path / "run"), *tiny_cli_options(epochs=1)]
     argv += ["--loss", asked] if asked else []
-    for key in ("width", "depth", "size", "crop", "batch_size", "epochs", "threads"):
-        argv += [f"--{key.replace('_', '-')}", str(opts[key])]
-    argv += ["--steps", str(opts["steps_per_epoch"]), "--val-fraction", str(opts["val_fraction"])]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
     expected = asked or "bce+dice"

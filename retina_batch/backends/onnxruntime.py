@@ -12,6 +12,22 @@ from .base import BackendUnavailable, WorkerThreadBackend
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
+def session_options(ort, threads: int):
+    """The SessionOptions segment runs with (benchmarks that time the model alone use them
+    too, so their figures are the backend's)."""
+    options = ort.SessionOptions()
+    # One batch at a time uses every core; the other cores' worth of work (decode, write)
+    # runs in the pipeline's threads while ONNX Runtime computes.
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads would otherwise busy-wait between batches and starve the
+    # decode/write threads: measured +7% img/s and efficiency 0.88 -> 0.92 on 2 cores
+    # (benchmarks/ort_spinning.py, results/2026-11-23-ort-spinning.json).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OnnxRuntimeBackend(WorkerThreadBackend):
     name = "onnxruntime"
 
@@ -36,19 +52,9 @@ class OnnxRuntimeBackend(WorkerThreadBackend):
         except ImportError as e:
             raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime") \
                 from e
-        options = ort.SessionOptions()
-        # One batch at a time uses every core; the other cores' worth of work (decode, write)
-        # runs in the pipeline's threads while ONNX Runtime computes.
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle intra-op threads would otherwise busy-wait between batches and starve the
-        # decode/write threads: measured +7% img/s and efficiency 0.88 -> 0.92 on 2 cores
-        # (benchmarks/ort_spinning.py, results/2026-11-23-ort-spinning.json).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
-                str(self.model_path), options,
+                str(self.model_path), session_options(ort, self.threads),
                 providers=self._providers(ort.get_available_providers()))
         except Exception as e:  # ORT raises its own exception types for bad model files
             raise BackendUnavailable(f"cannot load {self.model_path}: {e}") from e

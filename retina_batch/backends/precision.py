@@ -23,11 +23,10 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..card import load_card
+from ..card import INT8_MIN_DICE, load_card
 from .base import BackendUnavailable
 
 PRECISIONS = ("auto", "fp32", "int8")
-INT8_MIN_DICE = 0.99  # the export gate (quantize.INT8_MIN_DICE; not imported: needs onnx)
 # /proc/cpuinfo flags of x86 CPUs with 8-bit dot-product instructions ONNX Runtime uses.
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 

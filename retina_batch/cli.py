@@ -114,6 +114,11 @@ def train(data_dirs, out_dir, resume, **options):
                   f" continue with --resume")
         sys.exit(EXIT_INTERRUPTED)
     val = card["validation"]
+    if "dice" not in val:  # --val-fraction 0
+        err.print(f"no validation held out: the last epoch's weights "
+                  f"({card['training']['epoch']}) at threshold {card['threshold']}; "
+                  f"weights {out_dir}/model.pt")
+        return
     err.print(f"best epoch {card['training']['epoch']}: val Dice {val['dice']:.4f}, "
               f"AUC {val['auc']:.4f} at threshold {card['threshold']}; "
               f"weights {out_dir}/model.pt")

@@ -209,6 +209,34 @@ def test_train_writes_checkpoint_card_metrics_and_curve(tmp_path):
     assert rows[0].startswith("epoch,train_loss") and len(rows) == 3
 
 
+def test_training_on_every_photograph_keeps_the_last_epoch(tmp_path):
+    """--val-fraction 0 (how the shipped model is made once its recipe is fixed): nothing held
+    out, so the weights are the last epoch's, the threshold the default, the card says so in
+    valid JSON (no NaN scores) and the curves have no empty validation panel."""
+    from retina_batch.training.loop import train
+
+    data = make_dataset(tmp_path / "data", "rbv", n=8)
+    run = tmp_path / "run"
+    card = train(data, run, log=lambda *a: None, **tiny_options(val_fraction=0))
+    assert card["training"]["images_val"] == [] and len(card["training"]["images_train"]) == 8
+    assert card["training"]["epoch"] == 2 and card["threshold"] == 0.5
+    assert "dice" not in card["validation"] and "none held out" in card["validation"]["where"]
+    json.loads((run / "model.json").read_text(),
+               parse_constant=lambda c: pytest.fail(f"{c} in the card"))
+    last = torch.load(run / "last.pt", weights_only=False)["state_dict"]
+    shipped = torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(last[k].cpu(), shipped[k]) for k in last)
+    assert cv2.imread(str(run / "curves.png")).shape[1] < 600  # the loss panel alone
+    from click.testing import CliRunner
+
+    from retina_batch.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(data), "--out", str(tmp_path / "cli"),
+                                       *tiny_cli_options(val_fraction=0)])
+    assert result.exit_code == 0, result.output
+    assert "no validation held out" in result.output
+
+
 def test_resume_after_interruption_reaches_the_same_weights(tmp_path, monkeypatch):
     from retina_batch.training import loop
 

@@ -8,6 +8,7 @@ epoch, so an interrupted run continues with `--resume` and reaches the same resu
 from __future__ import annotations
 
 import csv
+import math
 import os
 import platform
 import time
@@ -284,7 +285,9 @@ class Trainer:
                                     "folders' means",
                            **{k: round(v, 5) for k, v in scores.items()},
                            "per_dataset": {name: {k: round(v, 5) for k, v in s.items()}
-                                           for name, s in per_set.items()}},
+                                           for name, s in per_set.items()}} if self.val_set
+            else {"where": "none held out (--val-fraction 0): the weights are the last "
+                           "epoch's, the threshold the default 0.5"},
             "weights": weights.name,
             "sha256": sha256(weights),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -316,9 +319,22 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     if not rows:
         return
     epochs = [int(r["epoch"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    validated = not math.isnan(float(rows[-1]["val_dice@best"]))  # --val-fraction 0: nan
+    fig, axes = plt.subplots(1, 2 if validated else 1, figsize=(9 if validated else 4.5, 3.5),
+                             squeeze=False)
+    a = axes[0, 0]
     a.plot(epochs, [float(r["train_loss"]) for r in rows])
     a.set(xlabel="epoch", ylabel="train loss")
+    if not validated:
+        a.set_title("no validation held out (--val-fraction 0)", fontsize=9)
+    else:
+        _plot_validation(axes[0, 1], epochs, rows)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_validation(b, epochs: list[int], rows: list[dict]) -> None:
     b.plot(epochs, [float(r["val_dice@best"]) for r in rows], label="Dice @ best threshold")
     # several data folders: one line per camera as well, so a loss on one shows
     for column in [c for c in rows[0] if c.startswith("val_dice@best[")]:
@@ -327,9 +343,6 @@ def plot_curves(csv_path: Path, png_path: Path) -> None:
     b.plot(epochs, [float(r["val_auc"]) for r in rows], label="ROC AUC")
     b.set(xlabel="epoch", ylabel="validation")
     b.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
 
 
 def train(data_dirs, out_dir: str, resume: bool = False, log=print, **options) -> dict:

@@ -47,7 +47,7 @@ from .measure import measure_mask
 from .metrics import evaluate_image
 from .pixel_work import choose as choose_pixel_work
 from .preprocess import FieldOfView, canvas_sizes, choose_canvas, detect_fov, to_rgb8
-from .qc import flags, image_quality
+from .qc import flags
 from .records import SCORE_FIELDS, refresh_view
 from .report_html import read_rows, write_report
 from .resume import Plan, open_ledger, plan_run
@@ -149,7 +149,7 @@ class Pipeline:
             canvas = choose_canvas((width, height), self.backend.size, self.policy)
             self.pixels.place(item, rgb, fov.box, canvas, (width, height))
             item.row["canvas"] = canvas
-            item.row.update(image_quality(rgb, fov.mask, self.pixels.made(item)))
+            item.row.update(self.pixels.quality(item, rgb, fov))
             item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb
@@ -177,7 +177,8 @@ class Pipeline:
             done = self.pixels.masked(item, result)
             prob, mask, fov, fov_area = done.prob, done.mask, done.fov, done.fov_area
             row.update(fov_found=item.fov.found, fov_area=fov_area, threshold=self.threshold,
-                       vessel_fraction=round(done.vessel_pixels / max(fov_area, 1), 5))
+                       vessel_fraction=round(done.vessel_pixels / max(fov_area, 1), 5),
+                       **(done.quality or {}))
             start = _timed(row, "postprocess_s", start)
             stage = "measure"
             row.update(measure_mask(mask, fov))

@@ -7,14 +7,16 @@ one small interface the pipeline calls (`place`, `submit`, `masked`):
 - HostPixels: the canvas is made on the host (preprocess, OpenCV), any backend turns canvases
   into canvas probabilities (`Backend.submit`), the host maps them back and thresholds.
 - DevicePixels: the decoded photograph goes to the backend's device once and everything up to
-  the uint8 mask runs there (`TorchBackend.segment_decoded`, preprocess_gpu); the host keeps
-  decoding, the FOV decisions (from a thumbnail: cheap and branchy), the quality flags,
-  measurements, PNG encoding and writing. Behind a GPU this takes the letterbox and the
+  the uint8 mask runs there (`TorchBackend.segment_decoded`, preprocess_gpu), and so do the
+  quality flags' statistics (qc_gpu: per-pixel work on the canvas that is there already); the
+  host keeps decoding, the FOV decisions (from a thumbnail: cheap and branchy), measurements,
+  PNG encoding and writing. Behind a GPU this takes the letterbox and the
   resize-back off the host cores that feed it (benchmarks/README.md, host cost per image).
 
-Everything before (decode, FOV, quality flags, the letterbox *plan*, batching by canvas side)
-and after (measurements, QC flags, scores, writes, ledger) is the pipeline's, shared by both:
-the two give the same masks (Dice >= 0.999, tests/test_pixel_work.py), rows and ledger records.
+Everything before (decode, FOV, the letterbox *plan*, batching by canvas side) and after
+(measurements, QC flags from the statistics, scores, writes, ledger) is the pipeline's, shared
+by both: the two give the same masks (Dice >= 0.999, tests/test_pixel_work.py), rows (the
+quality statistics within float rounding) and ledger records.
 
 `--pixel-work auto` (the default) picks the device where that is a CUDA GPU, the host
 otherwise; `device` forces it (also on a CPU torch backend: how CI checks that code path).
@@ -27,6 +29,7 @@ from concurrent.futures import Future
 import numpy as np
 
 from .preprocess import Masked, letterbox, plan_letterbox, threshold_in_fov
+from .qc import image_quality
 
 SETTINGS = ("auto", "host", "device")
 
@@ -43,10 +46,10 @@ class HostPixels:
         """item.canvas: what the backend is given (here the letterboxed canvas)."""
         item.canvas, item.letterbox = letterbox(rgb, box, canvas, size)
 
-    def made(self, item):
-        """(canvas, crop) when `place` letterboxed the photograph on the host, else None: the
-        quality flags reuse the canvas when it is their grid (qc.image_quality)."""
-        return item.canvas, item.letterbox.source_box
+    def quality(self, item, rgb: np.ndarray, fov) -> dict:
+        """The qc_* columns known after `place` (here all of them: qc.image_quality, which
+        reuses the canvas when it is its grid)."""
+        return image_quality(rgb, fov.mask, (item.canvas, item.letterbox.source_box))
 
     def submit(self, items: list, canvas: int) -> Future:
         """A Future of one result per item, in order (here canvas probabilities)."""
@@ -68,8 +71,8 @@ class DevicePixels(HostPixels):
         item.canvas = rgb
         item.letterbox = plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, size)
 
-    def made(self, item):
-        return None  # item.canvas is the photograph itself
+    def quality(self, item, rgb: np.ndarray, fov) -> dict:
+        return {}  # computed on the device with the mask: `masked` hands them over
 
     def submit(self, items: list, canvas: int) -> Future:
         # One probability map per image is fetched for the whole batch when any image needs
@@ -81,7 +84,8 @@ class DevicePixels(HostPixels):
 
     def masked(self, item, result) -> Masked:
         prob = result.prob if self.keep_prob(item) else None
-        return Masked(result.mask, result.fov_mask, result.fov_area, result.vessel_pixels, prob)
+        return Masked(result.mask, result.fov_mask, result.fov_area, result.vessel_pixels, prob,
+                      result.quality)
 
 
 def offers_device(backend) -> bool:

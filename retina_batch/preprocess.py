@@ -288,6 +288,7 @@ class Masked:
     fov_area: int
     vessel_pixels: int
     prob: np.ndarray | None = None  # float32, zero outside the FOV (only when asked for)
+    quality: dict | None = None  # qc_* columns made with the mask (on a device), else None
 
 
 def fov_mask_at(fov_mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

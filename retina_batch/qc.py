@@ -36,6 +36,7 @@ from .measure import GRID
 from .preprocess import letterbox
 
 INNER_MARGIN = 10
+MIN_INSIDE = 100  # grid pixels inside the shrunken FOV below which there are no statistics
 COLUMNS = ["qc_brightness", "qc_contrast", "qc_sharpness", "qc"]
 
 THRESHOLDS = {
@@ -74,7 +75,7 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     side = 2 * INNER_MARGIN + 1
     inside = cv2.erode(inside, np.ones((side, side), np.uint8))
     count = cv2.countNonZero(inside)
-    if count < 100:
+    if count < MIN_INSIDE:
         return empty
     green = cv2.extractChannel(canvas, 1)
     green_mean = _mean_u8(green, inside, count)
@@ -88,8 +89,17 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     finest = _spread(cv2.GaussianBlur(green, (0, 0), 0.5), cv2.GaussianBlur(green, (0, 0), 1.0),
                      inside)
     sharpness = finest / max(_spread(half, g4, half_inside), 1e-3)
-    return {"qc_brightness": round(brightness, 2), "qc_contrast": round(contrast, 5),
-            "qc_sharpness": round(sharpness, 4)}
+    return quality_columns(brightness, contrast, sharpness, count)
+
+
+def quality_columns(brightness: float, contrast: float, sharpness: float,
+                    inside: float) -> dict:
+    """The row's qc_* columns from the statistics (either implementation: this one or
+    qc_gpu's) and the pixel count they were taken over; None where too few."""
+    if inside < MIN_INSIDE:
+        return dict.fromkeys(COLUMNS[:3])
+    return {"qc_brightness": round(float(brightness), 2),
+            "qc_contrast": round(float(contrast), 5), "qc_sharpness": round(float(sharpness), 4)}
 
 
 def _mean_u8(values: np.ndarray, inside: np.ndarray, count: int) -> float:

@@ -149,6 +149,18 @@ MUTATIONS = (
                    "plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, size)",
                    "plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas)"),),
              ("tests/test_pixel_work.py",)),
+    Mutation("device-quality-kernel-too-short", "quality statistics with 3-sigma kernels",
+             (Edit("retina_batch/qc_gpu.py", "gaussian_kernel",
+                   "int(np.rint(sigma * 4 * 2 + 1)) | 1", "int(np.rint(sigma * 3 * 2 + 1)) | 1"),),
+             ("tests/test_qc.py",)),
+    Mutation("device-quality-inside-not-eroded", "quality statistics include the FOV rim",
+             (Edit("retina_batch/qc_gpu.py", "image_quality",
+                   "erode(inside, 2 * INNER_MARGIN + 1)", "inside"),),
+             ("tests/test_qc.py", "tests/test_pixel_work.py")),
+    Mutation("allocator-settings-not-applied", "image memory faulted in again for every image",
+             (Edit("retina_batch/allocator.py", "keep_freed_memory",
+                   "mallopt(param, value) == 1", "True"),),
+             ("tests/test_allocator.py",)),
 )
 
 

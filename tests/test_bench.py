@@ -169,6 +169,41 @@ def test_bench_without_inference_reports_the_hosts_cpu_ms_per_image(images, tmp_
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["host_ms_per_image"] > 0
 
 
+def test_no_inference_backend_stands_for_an_instant_device_in_the_gpu_resident_flow(
+        images, tmp_path, monkeypatch):
+    """--backend none --pixel-work device: the host's share of the GPU-resident flow. Every
+    image goes through segment_decoded (no canvases made on the host), comes back as what a
+    device returns (empty mask and FOV mask at the original size, quality columns left to the
+    device), and is written like any other."""
+    import numpy as np
+
+    from retina_batch import segment
+    from retina_batch.backends.none import NoInferenceBackend
+    from retina_batch.io import read_mask
+    from retina_batch.ledger import Ledger
+
+    rows = {}
+    for flow in ("host", "device"):
+        with monkeypatch.context() as patch:
+            if flow == "device":  # canvases made on the host would fail their batch
+                patch.setattr(NoInferenceBackend, "submit", None)
+            summary = segment(images, tmp_path / flow, backend="none", pixel_work=flow)
+        assert summary["counts"]["ok"] == 6 and summary["settings"]["pixel_work"] == flow
+        rows[flow] = {r["path"]: r for r in Ledger.reader(tmp_path / flow).rows()}
+    for path, row in rows["device"].items():
+        host = rows["host"][path]
+        assert (row["width"], row["height"], row["fov_area"], row["canvas"]) == \
+               (host["width"], host["height"], host["fov_area"], host["canvas"])
+        assert row["qc_sharpness"] is None and host["qc_sharpness"] is not None
+        mask = read_mask(tmp_path / "device" / row["output"])
+        assert mask.shape == (row["height"], row["width"]) and not np.any(mask)
+    record = bench(images, backend="none", batch_sizes=(2,), workers=(1,), repeat=1,
+                   isolate=False, pure_images=2, naive=False, pixel_work="device")
+    result = record["results"][0]
+    assert result["config"]["pixel_work"] == "device" and result["errors"] == 0
+    assert result["images"] == 6 and result["host_ms_per_image"] > 0
+
+
 def test_segment_does_not_offer_the_no_inference_backend(tmp_path):
     result = CliRunner().invoke(main, ["segment", str(tmp_path), "--out", str(tmp_path / "o"),
                                        "--backend", "none"])

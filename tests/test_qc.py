@@ -200,3 +200,83 @@ def test_image_quality_is_the_definition_on_real_photographs(shared_data):
 def test_thresholds_are_ordered():
     assert THRESHOLDS["dark"] < THRESHOLDS["bright"]
     assert THRESHOLDS["vessel_density_low"] < THRESHOLDS["vessel_density_high"]
+
+
+# --- the device implementation (qc_gpu), checked on CPU torch ------------------------------
+
+def device_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
+    torch = pytest.importorskip("torch")
+    from retina_batch import qc_gpu
+    from retina_batch.qc import quality_columns
+
+    x, y, w, h = cv2.boundingRect((np.asarray(fov) > 0).astype(np.uint8))
+    stats = qc_gpu.image_quality(torch.from_numpy(rgb), torch.from_numpy(np.asarray(fov)),
+                                 (x, y, x + w, y + h), made)
+    return dict.fromkeys(image_quality(rgb, fov)) if stats is None else \
+        quality_columns(*stats.tolist())
+
+
+def assert_close(got: dict, want: dict, context) -> None:
+    assert set(got) == set(want), context
+    for column, value in want.items():
+        if value is None:
+            assert got[column] is None, (column, context)
+        else:  # float rounding, then the columns' own rounding (4-5 significant digits)
+            assert got[column] == pytest.approx(value, rel=1e-3), (column, context)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.9365, 3.9686])
+def test_device_gaussian_blur_is_opencvs(sigma):
+    torch = pytest.importorskip("torch")
+    from retina_batch import qc_gpu
+
+    image = np.random.default_rng(1).uniform(0, 255, (64, 80)).astype(np.float32)
+    want = cv2.GaussianBlur(image, (0, 0), sigma)
+    got = qc_gpu.gaussian_blur(torch.from_numpy(image), sigma).numpy()
+    assert np.abs(got - want).max() < 1e-3
+
+
+def test_device_pyramid_grey_and_erosion_are_opencvs():
+    torch = pytest.importorskip("torch")
+    from retina_batch import qc_gpu
+
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 255, (64, 80)).astype(np.float32)
+    assert np.abs(qc_gpu.pyr_down(torch.from_numpy(image)).numpy()
+                  - cv2.pyrDown(image)).max() < 1e-3
+    rgb = rng.integers(0, 256, (256, 256, 3), np.uint8)
+    assert np.array_equal(qc_gpu._grey(torch.from_numpy(rgb)).numpy(),
+                          cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    inside = cv2.circle(np.zeros((64, 80), np.uint8), (30, 34), 40, 255, -1)  # cut by edges
+    side = 2 * INNER_MARGIN + 1
+    assert np.array_equal(qc_gpu.erode(torch.from_numpy(inside), side).numpy(),
+                          cv2.erode(inside, np.ones((side, side), np.uint8)))
+
+
+@pytest.mark.parametrize("kind,level", [("none", 1), ("blur", 1.5), ("gain", 0.12),
+                                        ("gain", 10.0), ("contrast", 0.2)])
+def test_device_statistics_are_the_hosts(photograph, kind, level):
+    rgb, fov = photograph
+    image = rgb if kind == "none" else degrade(rgb, fov, kind, level)
+    assert_close(device_quality(image, fov), image_quality(image, fov), (kind, level))
+
+
+def test_device_statistics_reuse_only_the_grid_canvas(photograph):
+    torch = pytest.importorskip("torch")
+    from retina_batch import preprocess_gpu
+
+    rgb, fov = photograph
+    x, y, w, h = cv2.boundingRect(fov)
+    box = (x, y, x + w, y + h)
+    want = image_quality(rgb, fov)
+    for side in (GRID, 768):  # the model's canvas: the grid itself, or one to ignore
+        canvas, lb = preprocess_gpu.letterbox(torch.from_numpy(rgb), box, side)
+        assert_close(device_quality(rgb, fov, (canvas, lb.source_box)), want, side)
+    grey = torch.full((GRID, GRID, 3), 128, dtype=torch.uint8)  # a wrong canvas would show
+    assert device_quality(rgb, fov, (grey, box)) != want
+
+
+@pytest.mark.shared_data
+def test_device_statistics_are_the_hosts_on_real_photographs(shared_data):
+    for name, rgb, fov in real_photographs(shared_data):
+        assert_close(device_quality(rgb, fov), image_quality(rgb, fov), name)

@@ -10,12 +10,29 @@ from __future__ import annotations
 import abc
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from ..card import load_card
+
+
+@dataclass
+class DecodedResult:
+    """One photograph through segment_decoded: what the pipeline's writer needs."""
+
+    mask: np.ndarray  # uint8 0/1 at the original size, zero outside the FOV
+    prob: np.ndarray | None  # float32 at the original size (keep_prob), zero outside the FOV
+    fov: object  # preprocess.FieldOfView (box, found; `small` at thumbnail size)
+    letterbox: object  # preprocess.Letterbox
+    fov_area: int
+    vessel_pixels: int
+    # uint8 0/1 FOV at the original size, as the host path's threshold_in_fov makes it: the
+    # measurements and scores need it, and fetching it is cheaper than a full-size resize here
+    fov_mask: np.ndarray | None = None
+    quality: dict | None = None  # the qc_* columns, computed on the device (qc_gpu)
 
 
 class BackendUnavailable(RuntimeError):

@@ -4,6 +4,12 @@ For measuring what the host costs per image (decode, FOV, letterbox, resize back
 PNG encode, write) with everything else exactly as in `segment`: behind a fast GPU that host
 cost, not the model, decides the throughput (`bench --backend none`, host_ms_per_image). The
 model's card still decides the canvas size and threshold (the shipped model's by default).
+
+With `--pixel-work device` it stands for an infinitely fast device in the GPU-resident flow
+(pixel_work.DevicePixels): the photographs are handed over decoded and what comes back is what
+a device returns (an empty mask, the FOV mask at the original size, the quality columns), so
+the figure is the host's share of that flow: decoding, FOV decisions, measurements, PNG
+encoding, writing, bookkeeping.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .base import Backend
+from .base import Backend, DecodedResult
 
 
 class NoInferenceBackend(Backend):
@@ -26,6 +32,34 @@ class NoInferenceBackend(Backend):
         future: Future = Future()
         future.compute_seconds = 0.0
         future.set_result(np.zeros(batch.shape[:3], np.float32))
+        return future
+
+    def segment_decoded(self, images: list, sizes: list | None = None, fovs: list | None = None,
+                        threshold: float | None = None, keep_prob: bool = False,
+                        canvas: int | None = None) -> Future:
+        """TorchBackend.segment_decoded's results with no device work: per image an empty
+        mask and the FOV mask at the original size (what a device sends back; made here
+        from the host's FOV, as cheaply as a download), no quality statistics (a device
+        makes them; None here, which flags nothing)."""
+        from ..preprocess import detect_fov, fov_mask_at, plan_letterbox
+        from ..qc import COLUMNS
+
+        canvas = self.size if canvas is None else int(canvas)
+        results = []
+        for image, size, fov in zip(images, sizes or [None] * len(images),
+                                    fovs or [None] * len(images), strict=True):
+            decoded = (image.shape[1], image.shape[0])
+            fov = fov or detect_fov(image)
+            lb = plan_letterbox(fov.box, decoded, canvas, size)
+            w, h = lb.image_size
+            fov_mask = fov_mask_at(fov.mask, (w, h))
+            results.append(DecodedResult(
+                np.zeros((h, w), np.uint8), np.zeros((h, w), np.float32) if keep_prob else None,
+                fov, lb, int(np.count_nonzero(fov_mask)), 0, fov_mask,
+                dict.fromkeys(COLUMNS[:3])))
+        future: Future = Future()
+        future.compute_seconds = 0.0
+        future.set_result(results)
         return future
 
     def _close(self) -> None:

@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .base import BackendUnavailable, WorkerThreadBackend
+from .base import BackendUnavailable, DecodedResult, WorkerThreadBackend
 
 INSTALL_HINT = "pip install 'retina-batch[train]' (PyTorch)"
 
@@ -52,21 +51,6 @@ def load_network(path: str | Path):
     except Exception as e:  # torch.load raises many types (pickle, zip, key, size mismatch)
         raise BackendUnavailable(f"{path} is not a retina-batch checkpoint ({e})") from e
     return net.eval()
-
-
-@dataclass
-class DecodedResult:
-    """One photograph through segment_decoded: what the pipeline's writer needs."""
-
-    mask: np.ndarray  # uint8 0/1 at the original size, zero outside the FOV
-    prob: np.ndarray | None  # float32 at the original size (keep_prob), zero outside the FOV
-    fov: object  # preprocess.FieldOfView (box, found; `small` at thumbnail size)
-    letterbox: object  # preprocess.Letterbox
-    fov_area: int
-    vessel_pixels: int
-    # uint8 0/1 FOV at the original size, as the host path's threshold_in_fov makes it: the
-    # measurements and scores need it, and fetching it is cheaper than a full-size resize here
-    fov_mask: np.ndarray | None = None
 
 
 class _Staging:
@@ -200,14 +184,16 @@ class TorchBackend(WorkerThreadBackend):
             prepared = [self._prepare(staging, i, img, size, fov, canvas)
                         for i, (img, size, fov) in enumerate(zip(images, sizes, fovs,
                                                                   strict=True))]
-            canvases = torch.stack([canvas for canvas, _, _, _ in prepared])
+            canvases = torch.stack([canvas for canvas, _, _, _, _ in prepared])
             probs = self.module(canvases).float()
             return self._finish(staging, prepared, probs, threshold, keep_prob)
 
     def _prepare(self, staging, index: int, image, size, fov, side: int):
-        """(canvas, letterbox, FOV, FOV mask at decoded size) of one image, on the device."""
+        """(canvas, letterbox, FOV, FOV mask at decoded size, quality statistics) of one
+        image, on the device."""
         from .. import preprocess as host
         from .. import preprocess_gpu as device
+        from .. import qc_gpu
 
         decoded = (image.shape[1], image.shape[0])
         if isinstance(image, np.ndarray):
@@ -219,17 +205,25 @@ class TorchBackend(WorkerThreadBackend):
         elif fov is None:
             fov = device.detect_fov(image)
         canvas, lb = device.letterbox(image, fov.box, side, size)
-        return canvas, lb, fov, device.fov_on_device(fov, decoded, canvas.device)
+        fov_mask = device.fov_on_device(fov, decoded, canvas.device)
+        quality = qc_gpu.image_quality(image, fov_mask, fov.box, (canvas, lb.source_box))
+        return canvas, lb, fov, fov_mask, quality
 
     def _finish(self, staging, prepared, probs, threshold, keep_prob) -> list:
         from .. import preprocess_gpu as device
+        from ..qc import quality_columns
 
+        torch = self._torch
         done = [device.threshold_in_fov(probs[i], lb, fov_mask, threshold, keep_prob)
-                for i, (_, lb, _, fov_mask) in enumerate(prepared)]
-        counts = self._torch.stack([self._torch.stack([d.fov_area, d.vessel_pixels])
-                                    for d in done])
+                for i, (_, lb, _, fov_mask, _) in enumerate(prepared)]
+        counts = torch.stack([torch.stack([d.fov_area, d.vessel_pixels]) for d in done])
+        # An empty FOV box has no statistics: zeros with no pixels inside read as None.
+        stats = torch.stack([q if q is not None else torch.zeros(4, dtype=torch.float64,
+                                                                  device=probs.device)
+                             for *_, q in prepared])
         if self.cuda:
             counts = self._download(staging, "counts", counts)
+            stats = self._download(staging, "quality", stats)
             masks = [self._download(staging, f"mask{i}", d.mask) for i, d in enumerate(done)]
             fovs = [self._download(staging, f"fov{i}", d.fov) for i, d in enumerate(done)]
             probs = [self._download(staging, f"prob{i}", d.prob) if keep_prob else None
@@ -238,12 +232,13 @@ class TorchBackend(WorkerThreadBackend):
         else:
             masks, fovs, probs = [d.mask for d in done], [d.fov for d in done], \
                 [d.prob for d in done]
-        counts = counts.numpy().tolist()
+        counts, stats = counts.numpy().tolist(), stats.numpy().tolist()
         # Copies: on the GPU they are views of pinned buffers that the next batch reuses.
         return [DecodedResult(mask.numpy().copy(), None if prob is None else prob.numpy().copy(),
-                              fov, lb, int(area), int(vessels), fov_mask.numpy().copy())
-                for mask, fov_mask, prob, (_, lb, fov, _), (area, vessels)
-                in zip(masks, fovs, probs, prepared, counts, strict=True)]
+                              fov, lb, int(area), int(vessels), fov_mask.numpy().copy(),
+                              quality_columns(*quality))
+                for mask, fov_mask, prob, (_, lb, fov, _, _), (area, vessels), quality
+                in zip(masks, fovs, probs, prepared, counts, stats, strict=True)]
 
     def _unload(self) -> None:
         del self.module

@@ -41,12 +41,15 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
     return (weights / weights.sum()).astype(np.float32)
 
 
-@lru_cache(maxsize=32)
-def _kernel(sigma: float, device: str) -> torch.Tensor:
-    return torch.from_numpy(gaussian_kernel(sigma)).to(device)
-
-
 _PYR_DOWN = np.array([1, 4, 6, 4, 1], np.float32) / 16
+
+
+@lru_cache(maxsize=32)
+def _kernel(sigma: float | None, device: str) -> torch.Tensor:
+    """A Gaussian's taps (None: pyrDown's), made and uploaded once per device: a small
+    upload from pageable memory every image would stall the host thread on a GPU."""
+    taps = _PYR_DOWN if sigma is None else gaussian_kernel(sigma)
+    return torch.from_numpy(taps).to(device)
 
 
 def _separable(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -65,8 +68,7 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def pyr_down(image: torch.Tensor) -> torch.Tensor:
     """cv2.pyrDown of an H x W float32 image: the 5-tap binomial, then every other pixel."""
-    kernel = torch.from_numpy(_PYR_DOWN).to(image.device)
-    return _separable(image, kernel)[::2, ::2]
+    return _separable(image, _kernel(None, str(image.device)))[::2, ::2]
 
 
 def erode(inside: torch.Tensor, side: int) -> torch.Tensor:

@@ -34,11 +34,15 @@ ENGINE_DIR = Path("engines")
 # and a sigmoid that reaches ~1e-3 on a few pixels of a 512 px photograph (mean ~1e-5), while a
 # broken export (wrong normalisation, a traced constant) is off by 0.1 or more.
 FP32_MAX_DIFF = 1e-2
-# The same check at the other canvases of the profile (one image resized to each): the
-# standardisation sums 4x more pixels at 1024 px, and the shipped model's worst pixel moved to
-# 8.9e-3 there (1.6e-3 at 768, mean 1e-5 at both), too close to 1e-2 to be a fair limit. A
-# dynamic axis that does not compute the same function is off by far more than 5e-2.
-FP32_CANVAS_MAX_DIFF = 5e-2
+# The same check at the other canvases of the profile (one image resized to each), on the mean
+# difference and the masks rather than the worst pixel: a 512 px photograph blown up to 1024 is
+# far from anything the model was trained on, and there a few pixels' summation-order noise
+# reaches 0.01-0.07 (two-camera models, 6 photographs each: r2 shipped before 0.006-0.035,
+# the final run 0.010-0.069) while the mean stays at 1e-5 to 2e-4 and the masks agree to Dice
+# >= 0.999. A dynamic axis that does not compute the same function is off everywhere: its
+# mean difference is ~0.1 and its masks disagree.
+FP32_CANVAS_MAX_MEAN_DIFF = 1e-3
+FP32_CANVAS_MIN_DICE = 0.99
 FP16_MIN_DICE = 0.99  # fp16 vs fp32 masks, worst image
 
 
@@ -283,8 +287,6 @@ def _worst(parity: dict, key: str, pick) -> float:
     return pick([parity[key]] + [c[key] for c in parity.get("canvases", {}).values()])
 
 
-def _worst_canvas_diff(parity: dict) -> float:
-    return max([c["max_abs_diff"] for c in parity.get("canvases", {}).values()], default=0.0)
 
 
 # --- cards -----------------------------------------------------------------------------------
@@ -417,12 +419,17 @@ def export(checkpoint, out, *, batch: str | Range = DEFAULT_BATCH, size=None,
 
 
 def _check_parity(parity32: dict, parity16: dict, fp16_path: Path) -> None:
-    for diff, limit, where in ((parity32["max_abs_diff"], FP32_MAX_DIFF, "the working canvas"),
-                               (_worst_canvas_diff(parity32), FP32_CANVAS_MAX_DIFF,
-                                "another canvas of the profile")):
-        if diff > limit:
-            raise ParityError(f"ONNX fp32 differs from PyTorch by {diff:.2g} (> {limit:g}) at "
-                              f"{where}: the export is broken, please report it")
+    if parity32["max_abs_diff"] > FP32_MAX_DIFF:
+        raise ParityError(f"ONNX fp32 differs from PyTorch by {parity32['max_abs_diff']:.2g} "
+                          f"(> {FP32_MAX_DIFF:g}) at the working canvas: the export is broken, "
+                          f"please report it")
+    for side, c in parity32.get("canvases", {}).items():
+        if c["mean_abs_diff"] > FP32_CANVAS_MAX_MEAN_DIFF or \
+                c["mask_dice_min"] < FP32_CANVAS_MIN_DICE:
+            raise ParityError(
+                f"ONNX fp32 differs from PyTorch at the {side} px canvas (mean difference "
+                f"{c['mean_abs_diff']:.2g}, mask Dice {c['mask_dice_min']:.4f}): its dynamic "
+                f"height and width do not compute the same function; please report it")
     worst_dice = _worst(parity16, "mask_dice_min", min)
     if worst_dice < FP16_MIN_DICE:
         raise ParityError(f"fp16 masks agree with fp32 only to Dice {worst_dice:.4f} "

@@ -200,3 +200,29 @@ def test_export_without_pytorch_is_one_line_with_the_install_command(tmp_path, m
     assert result.exit_code == 2
     assert "pip install 'retina-batch[train]'" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+def _figures(max_diff: float, mean_diff: float, dice: float) -> dict:
+    return {"max_abs_diff": max_diff, "mean_abs_diff": mean_diff, "mask_dice": dice,
+            "mask_dice_min": dice}
+
+
+@pytest.mark.parametrize("at_1024, broken", [
+    # the final two-camera model's worst parity photograph: a few noisy pixels, masks agree
+    (_figures(0.0687, 1.6e-4, 0.999098), False),
+    # a dynamic axis computing something else: off everywhere, masks disagree
+    (_figures(0.4, 0.08, 0.7), True),
+    (_figures(0.02, 2e-3, 0.9995), True),  # off on average though the worst pixel is small
+    (_figures(0.02, 1e-4, 0.95), True),  # the masks disagree
+])
+def test_parity_at_other_canvases_judges_the_whole_map_not_one_pixel(at_1024, broken, tmp_path):
+    parity32 = {**_figures(3e-3, 1e-5, 0.9999), "canvases": {
+        "768": _figures(6e-3, 3e-5, 0.9998), "1024": at_1024}}
+    parity16 = {**_figures(9e-3, 1e-4, 0.9997), "canvases": {}}
+    if broken:
+        with pytest.raises(ex.ParityError, match="1024 px canvas"):
+            ex._check_parity(parity32, parity16, tmp_path / "model.fp16.onnx")
+    else:
+        ex._check_parity(parity32, parity16, tmp_path / "model.fp16.onnx")
+    with pytest.raises(ex.ParityError, match="working canvas"):
+        ex._check_parity({**parity32, "max_abs_diff": 0.05}, parity16, tmp_path / "f.onnx")

@@ -429,15 +429,29 @@ def _median_or_none(values: list) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
-def validation_list(model, folder: Path) -> tuple[Path, Path]:
+# `bench --validation` for a model trained on every photograph (--val-fraction 0, as the
+# shipped one): this many of its training photographs, spread over its data folders.
+TRAINED_ON_SAMPLE = 20
+
+
+def validation_list(model, folder: Path, note=None) -> tuple[Path, Path]:
     """`bench --validation`: a folder (in `folder`) of the model card's validation photographs
     and one of their annotations, as links named <dataset>--<stem> so that truth pairs by name
-    even when two datasets of the card both have a `1.png`."""
+    even when two datasets of the card both have a `1.png`. A card that held nothing out
+    gives TRAINED_ON_SAMPLE of its training photographs instead, and says so through `note`:
+    right for speed and int8-vs-fp32 comparisons, not an accuracy figure."""
     from .backends.base import default_model
     from .card import card_pairs, load_card
+    from .export import spread
 
     card = load_card(Path(model) if model else default_model())
     pairs = [p for p in card_pairs(card, "val") if p[1] is not None]
+    if not pairs and not card.get("training", {}).get("images_val"):
+        pairs = spread([p for p in card_pairs(card, "train") if p[1] is not None],
+                       TRAINED_ON_SAMPLE)[:TRAINED_ON_SAMPLE]
+        if pairs and note:
+            note(f"--validation: the model held no photographs out; {len(pairs)} of its "
+                 f"training photographs instead (their Dice is not an accuracy figure)")
     if not pairs:
         raise BenchError("--validation: the model card's validation photographs are not on "
                          f"this disk (training data: {card.get('training', {}).get('data')})")

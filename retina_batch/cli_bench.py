@@ -159,7 +159,7 @@ def bench(source, synthetic, size, fmt, validation, truth, backend, model, devic
     with tempfile.TemporaryDirectory(prefix="retina-bench-") as tmp:
         try:
             if validation:
-                source, truth = validation_list(model, Path(tmp))
+                source, truth = validation_list(model, Path(tmp), note=err.print)
             with progress:
                 record = run_bench(source, synthetic=synthetic, size=_size(size), fmt=fmt,
                                    backend=backend, model=model, device=device,

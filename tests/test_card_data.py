@@ -94,3 +94,24 @@ def test_bench_validation_pairs_truth_across_datasets(two_sets, tmp_path, tiny_o
     assert sorted(p.name for p in images.iterdir()) == ["a--1.png", "b--1.png"]
     assert sorted(p.name for p in masks.iterdir()) == ["a--1.png", "b--1.png"]
     assert (masks / "b--1.png").resolve() == (lesav / "vessels" / "1.png").resolve()
+
+
+def test_bench_validation_of_a_model_that_held_nothing_out(two_sets, tmp_path, tiny_onnx):
+    """--val-fraction 0 (the shipped model): its training photographs stand in, a sample
+    from every data folder, and the note says their Dice is no accuracy figure."""
+    from retina_batch import bench as bench_module
+
+    rbv, lesav = two_sets
+    card_path = tmp_path / "model" / "model.onnx.json"
+    card_path.parent.mkdir()
+    (tmp_path / "model" / "model.onnx").write_bytes(tiny_onnx.read_bytes())
+    write_json_atomic(card_path, {"working_size": 32, "threshold": 0.5, "training": {
+        "datasets": [{"name": "a", "path": str(rbv)}, {"name": "b", "path": str(lesav)}],
+        "images_train": ["a/0", "a/1", "b/1", "b/37"], "images_val": []}})
+    notes = []
+    images, _ = validation_list(tmp_path / "model" / "model.onnx", tmp_path / "work",
+                                note=notes.append)
+    names = sorted(p.name for p in images.iterdir())
+    assert names == ["a--0.png", "a--1.png", "b--1.png", "b--37.png"]
+    assert len(notes) == 1 and "not an accuracy figure" in notes[0]
+    assert bench_module.TRAINED_ON_SAMPLE < 102  # the shipped card's photographs are sampled

@@ -1,5 +1,5 @@
 """The model shipped inside the package, loaded as a user gets it (no --model): its card, ONNX
-Runtime opening it, the threshold its masks follow, and its masks on held-out photographs (the
+Runtime opening it, the threshold its masks follow, and its masks on real photographs (the
 only model users get without training one)."""
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from retina_batch.card import load_card, sha256
 from retina_batch.cli import main
 from retina_batch.synth import synthesize
 
-# Validation photographs of the shipped model's training run (its card lists them): one copy
-# of each of four DRIVE photographs (N // 4 = 2, 4, 6, 19) that it never trained on.
-HELD_OUT = ("8", "17", "26", "77")
-HELD_OUT_NAMES = {f"retina-blood-vessel/{key}" for key in HELD_OUT}  # the card's names
+# One copy of each of four DRIVE photographs (N // 4 = 2, 4, 6, 19): the recipe's validation
+# photographs, in the shipped model's training set since its final run on every photograph
+# (train/default/README.md; the recipe's held-out scores are in train/experiments/).
+PHOTOGRAPHS = ("8", "17", "26", "77")
+TRAINED_ON = {f"retina-blood-vessel/{n}" for n in range(80)} | \
+    {f"les-av/{stem}" for stem in ("37", "119", "318", "486")}  # a sample of the card's names
 
 
 def test_shipped_card_describes_the_shipped_weights():
@@ -33,8 +35,10 @@ def test_shipped_card_describes_the_shipped_weights():
     card = load_card(model)
     assert model.is_file() and card["weights"] == model.name
     assert card["sha256"] == sha256(model) == card["export"]["onnx_sha256"]
-    assert HELD_OUT_NAMES <= set(card["training"]["images_val"])
-    assert not HELD_OUT_NAMES & set(card["training"]["images_train"])
+    # the final run: every photograph of both folders, nothing held out, the last epoch
+    assert TRAINED_ON <= set(card["training"]["images_train"])
+    assert card["training"]["images_val"] == [] and "dice" not in card["validation"]
+    assert card["training"]["epoch"] == card["training"]["recipe"]["epochs"]
 
 
 def test_onnxruntime_opens_the_shipped_model_by_default():
@@ -53,18 +57,19 @@ def test_onnxruntime_opens_the_shipped_model_by_default():
     assert 0 <= probs.min() and probs.max() <= 1
 
 
-def test_shipped_model_finds_the_vessels_of_held_out_photographs(shared_data, tmp_path):
-    """Measured Dice 0.78-0.81 (mean 0.795) against the manual annotations."""
+def test_shipped_model_finds_the_vessels_of_real_photographs(shared_data, tmp_path):
+    """The shipped files through the whole pipeline on four DRIVE photographs (in its training
+    set: this checks the files and the pipeline, not how well the model generalises)."""
     data = shared_data / "retina-blood-vessel" / "train"
     for folder in ("image", "mask"):
         (tmp_path / folder).mkdir()
-        for key in HELD_OUT:
+        for key in PHOTOGRAPHS:
             if not (data / folder / f"{key}.png").exists():
                 pytest.skip(f"{data / folder / key}.png is absent")
             shutil.copy(data / folder / f"{key}.png", tmp_path / folder)
     summary = retina_batch.segment(tmp_path / "image", tmp_path / "out",
                                    truth_dir=tmp_path / "mask", batch_size=2)
-    assert summary["counts"]["ok"] == len(HELD_OUT) == summary["truth_images"]
+    assert summary["counts"]["ok"] == len(PHOTOGRAPHS) == summary["truth_images"]
     assert summary["truth_means"]["dice"] > 0.77
     assert summary["truth_means"]["auc"] > 0.97
     with open(tmp_path / "out" / "metrics.csv", newline="") as f:

@@ -287,8 +287,6 @@ def _worst(parity: dict, key: str, pick) -> float:
     return pick([parity[key]] + [c[key] for c in parity.get("canvases", {}).values()])
 
 
-
-
 # --- cards -----------------------------------------------------------------------------------
 def export_card(source: dict, path: Path, canvas: Range, multiple: int, section: dict) -> dict:
     card = {**copy.deepcopy(source), "weights": path.name, "sha256": sha256(path),

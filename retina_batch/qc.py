@@ -69,8 +69,9 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
     if w == 0:
         return empty
     box = (x, y, x + w, y + h)
-    canvas = made[0] if made is not None and tuple(made[1]) == box and \
-        made[0].shape == (GRID, GRID, 3) else letterbox(rgb, box, GRID)[0]
+    canvas = grid_canvas(made, box)
+    if canvas is None:
+        canvas = letterbox(rgb, box, GRID)[0]
     inside = cv2.threshold(letterbox(fov, box, GRID)[0], 127, 255, cv2.THRESH_BINARY)[1]
     side = 2 * INNER_MARGIN + 1
     inside = cv2.erode(inside, np.ones((side, side), np.uint8))
@@ -90,6 +91,14 @@ def image_quality(rgb: np.ndarray, fov: np.ndarray, made=None) -> dict:
                      inside)
     sharpness = finest / max(_spread(half, g4, half_inside), 1e-3)
     return quality_columns(brightness, contrast, sharpness, count)
+
+
+def grid_canvas(made, box):
+    """The caller's canvas when it is this grid (the crop `box` at GRID x GRID), else None:
+    `made` is (canvas, source_box) as image_quality takes it, numpy or torch (qc_gpu)."""
+    if made is None or tuple(made[1]) != tuple(box) or tuple(made[0].shape) != (GRID, GRID, 3):
+        return None
+    return made[0]
 
 
 def quality_columns(brightness: float, contrast: float, sharpness: float,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .measure import GRID
 from .preprocess_gpu import letterbox
-from .qc import INNER_MARGIN
+from .qc import INNER_MARGIN, grid_canvas
 
 # cv2.COLOR_RGB2GRAY on uint8: 0.299 R + 0.587 G + 0.114 B in 15-bit fixed point, rounded
 # (OpenCV's vectorised path; checked against it on every pixel of a random image in the tests)
@@ -107,8 +107,9 @@ def image_quality(rgb: torch.Tensor, fov: torch.Tensor, box: tuple[int, int, int
     x0, y0, x1, y1 = box
     if x1 <= x0 or y1 <= y0:
         return None
-    canvas = made[0] if made is not None and tuple(made[1]) == tuple(box) and \
-        tuple(made[0].shape) == (GRID, GRID, 3) else letterbox(rgb, box, GRID)[0]
+    canvas = grid_canvas(made, box)
+    if canvas is None:
+        canvas = letterbox(rgb, box, GRID)[0]
     fov255 = (fov > 0).to(torch.uint8)[..., None] * 255
     inside = (letterbox(fov255, box, GRID)[0][..., 0] > 127).to(torch.uint8) * 255
     inside = erode(inside, 2 * INNER_MARGIN + 1)

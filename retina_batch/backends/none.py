@@ -29,10 +29,7 @@ class NoInferenceBackend(Backend):
 
     def submit(self, batch: np.ndarray) -> Future:
         self.check_batch(batch)
-        future: Future = Future()
-        future.compute_seconds = 0.0
-        future.set_result(np.zeros(batch.shape[:3], np.float32))
-        return future
+        return _done(np.zeros(batch.shape[:3], np.float32))
 
     def segment_decoded(self, images: list, sizes: list | None = None, fovs: list | None = None,
                         threshold: float | None = None, keep_prob: bool = False,
@@ -57,13 +54,18 @@ class NoInferenceBackend(Backend):
                 np.zeros((h, w), np.uint8), np.zeros((h, w), np.float32) if keep_prob else None,
                 fov, lb, int(np.count_nonzero(fov_mask)), 0, fov_mask,
                 dict.fromkeys(COLUMNS[:3])))
-        future: Future = Future()
-        future.compute_seconds = 0.0
-        future.set_result(results)
-        return future
+        return _done(results)
 
     def _close(self) -> None:
         pass
 
     def describe(self) -> dict:
         return {**super().describe(), "runtime": "none (no inference: zero maps)"}
+
+
+def _done(result) -> Future:
+    """A finished Future, as a backend's submit returns one, with no compute time."""
+    future: Future = Future()
+    future.compute_seconds = 0.0
+    future.set_result(result)
+    return future

@@ -1,13 +1,15 @@
 """Process CPU ms per image of each host step of `segment`, one thread, for one folder.
 
-    python benchmarks/host_steps.py /tmp/hc/in512jpg [--images 60] [--repeat 3]
+    python benchmarks/host_steps.py /tmp/hc/in512jpg [--images 60] [--repeat 3] \
+        [--default-allocator]
 
 Steps as the pipeline runs them: decode (reduced for large JPEGs), to RGB, FOV thumbnail, FOV
 decisions, letterbox, quality flags (qc.image_quality, reusing the canvas where segment does),
 back to the original size + threshold + FOV (on a smooth random canvas map, the model's output
 is not needed for the cost), the vessel measurements of an empty mask (what `bench --backend
 none` measures; a real mask costs ~10 ms more, benchmarks/measure_cost.py), 1-bit PNG encode,
-atomic write (to a temporary folder).
+atomic write (to a temporary folder). With the allocator settings every pipeline applies
+(retina_batch.allocator), or glibc's defaults with --default-allocator, to compare.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from retina_batch.allocator import keep_freed_memory
 from retina_batch.io import decode, encode_mask, list_images, write_atomic
 from retina_batch.measure import measure_mask
 from retina_batch.preprocess import (
@@ -40,7 +43,11 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--canvas", type=int, default=512)
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc settings as they are (segment changes them)")
     args = parser.parse_args(argv)
+    if not args.default_allocator:
+        keep_freed_memory()
     cv2.setNumThreads(1)  # as inside the pipeline
     files = list_images(args.folder)[:args.images]
     rng = np.random.default_rng(0)

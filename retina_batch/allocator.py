@@ -5,8 +5,9 @@ planes of the quality flags, masks). glibc serves blocks above its mmap threshol
 start, raised only as far as the largest block freed so far) with a fresh mmap and gives them
 back with munmap, and it trims the free top of its heaps above 128 kB. Either way each new
 array's pages are faulted in and zeroed by the kernel again: per 512 px photograph that was
-~60 % of the quality flags' CPU time (4.5 -> 1.9 ms per image with the settings below, process
-CPU; benchmarks/README.md, "Host cost per image").
+about half of the quality flags' CPU time (4.7-5.7 -> 2.6-2.7 ms per image with the settings
+below, process CPU, `benchmarks/host_steps.py --default-allocator` against without it;
+benchmarks/README.md, "Host cost per image").
 
 `keep_freed_memory()` tells glibc to serve those blocks from its heaps and to keep freed memory
 for reuse: the process's resident memory stays near its peak instead of falling between images,

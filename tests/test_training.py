@@ -281,7 +281,8 @@ def test_train_cli_reports_unpaired_data_in_one_line(tmp_path):
 
 def test_train_cli_crop_and_scale_reach_the_augmentation(tmp_path, monkeypatch):
     """--crop is the side of the views the augmentation cuts (it once stayed 256 whatever
-    --crop said) and --scale its scale range; both are what the card's recipe records."""
+    --crop said), --scale its scale range and --illumination its gain-field probability; all
+    are what the card's recipe records."""
     from click.testing import CliRunner
 
     from retina_batch.cli import main
@@ -292,18 +293,48 @@ def test_train_cli_crop_and_scale_reach_the_augmentation(tmp_path, monkeypatch):
 
     def spy(image, target, fov, rng, cfg):
         out = original(image, target, fov, rng, cfg)
-        seen.append((out[0].shape, cfg.scale))
+        seen.append((out[0].shape, cfg.scale, cfg.illumination))
         return out
 
     monkeypatch.setattr(loop, "augment", spy)
     data = make_dataset(tmp_path / "data", "rbv", n=8)
     argv = ["train", str(data), "--out", str(tmp_path / "run"), "--scale", "0.8,1.25",
-            *tiny_cli_options(epochs=1)]
+            "--illumination", "0.5", *tiny_cli_options(epochs=1)]
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 0, result.output
-    assert seen and all(shape[:2] == (32, 32) and scale == (0.8, 1.25) for shape, scale in seen)
+    assert seen and all(shape[:2] == (32, 32) and scale == (0.8, 1.25) and light == 0.5
+                        for shape, scale, light in seen)
     recipe = json.loads((tmp_path / "run" / "model.json").read_text())["training"]["recipe"]
     assert recipe["augment"]["crop"] == 32 and recipe["augment"]["scale"] == [0.8, 1.25]
+    assert recipe["augment"]["illumination"] == 0.5
+
+
+def test_illumination_field_is_a_smooth_bounded_gain():
+    from retina_batch.training.augment import illumination_field
+
+    for seed in range(5):
+        field = illumination_field(64, np.random.default_rng(seed), 1.6)
+        assert field.shape == (64, 64) and field.dtype == np.float32
+        assert field.min() >= 1 / 1.6 - 1e-6 and field.max() <= 1.6 + 1e-6
+        assert field.max() / field.min() > 1.1  # it varies across the crop ...
+        # ... smoothly: neighbouring pixels differ by a small part of the range
+        assert np.abs(np.diff(field, axis=0)).max() < 0.1 * (field.max() - field.min()) + 1e-3
+
+
+def test_illumination_varies_a_flat_crop_only_when_enabled():
+    """A flat grey crop with every global jitter switched off stays flat unless the gain field
+    is on; with it on, the crop's brightness varies within the field's bounds."""
+    from retina_batch.training.augment import AugmentConfig, photometric
+
+    flat = np.full((64, 64, 3), 120, np.uint8)
+    quiet = dict(contrast=(1, 1), brightness=0, gamma=(1, 1), colour=0, p_blur=0, p_noise=0,
+                 p_jpeg=0)
+    off = photometric(flat, np.random.default_rng(0), AugmentConfig(**quiet))
+    assert np.ptp(off) == 0
+    on = photometric(flat, np.random.default_rng(0),
+                     AugmentConfig(**quiet, illumination=1.0, illumination_gain=1.5))
+    assert np.array_equal(on[..., 0], on[..., 1])  # one field for all channels
+    assert np.ptp(on) > 10 and on.min() >= 120 / 1.5 - 1 and on.max() <= 120 * 1.5 + 1
 
 
 @pytest.mark.parametrize("scale", ["2,1", "0,1", "1", "a,b"])

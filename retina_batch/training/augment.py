@@ -8,7 +8,9 @@ validation Dice on DRIVE at equal epochs without gaining on LES-AV (train/experi
 r1-both-partial/ against r2-both-scale133-partial/): training on both cameras teaches the
 thicker 30 degree vessels directly, so the range stays narrow.
 Photometry: contrast/brightness, gamma, per-channel colour balance, blur (defocus), sensor noise
-and JPEG artefacts (screening images are often JPEG).
+and JPEG artefacts (screening images are often JPEG). Optionally (`illumination`, off in the
+default recipe) a smooth random gain field: cameras differ in vignetting and uneven flash, which
+the global jitters above cannot imitate.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ class AugmentConfig:
     p_blur: float = 0.2
     p_noise: float = 0.3
     p_jpeg: float = 0.2
+    illumination: float = 0.0  # probability of a smooth gain field (0: off, no random draw)
+    illumination_gain: float = 1.6  # the field's gains lie within [1/g, g]
+
+
+def illumination_field(size: int, rng: np.random.Generator, gain: float) -> np.ndarray:
+    """A size x size float32 gain field in [1/gain, gain], smooth over about a third of the
+    crop: a 3x3 grid of log-uniform gains, bicubic-upsampled (clipped: bicubic overshoots)."""
+    grid = np.exp(rng.uniform(-np.log(gain), np.log(gain), (3, 3))).astype(np.float32)
+    field = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
+    return np.clip(field, 1.0 / gain, gain)
 
 
 def random_view(image: np.ndarray, target: np.ndarray, fov: np.ndarray,
@@ -57,6 +69,9 @@ def photometric(image: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig)
     x = x * rng.uniform(*cfg.contrast) + rng.uniform(-cfg.brightness, cfg.brightness) / 255.0
     x = x * (1.0 + rng.uniform(-cfg.colour, cfg.colour, size=3)).astype(np.float32)
     x = np.clip(x, 0, 1) ** rng.uniform(*cfg.gamma)
+    # Drawn only when enabled, so the default recipe's random stream (and weights) stay as shipped.
+    if cfg.illumination and rng.random() < cfg.illumination:
+        x = x * illumination_field(x.shape[0], rng, cfg.illumination_gain)[..., None]
     if rng.random() < cfg.p_blur:
         x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.3))
     if rng.random() < cfg.p_noise:

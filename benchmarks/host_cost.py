@@ -14,6 +14,8 @@ pipeline and naive loop) of every round, their medians, the stage costs and the 
 
 `--device-flow` adds a third configuration, the after tree with `--pixel-work device`: what the
 host still does per image when the pixel work runs on a device (here an instant one).
+`--pixel-work device` runs both trees in that flow (a change to the GPU-resident flow's host
+share, such as handing JPEGs to the device undecoded).
 
 The "before" tree needs `--backend none` and host_ms_per_image, which came with the change
 being measured: see benchmarks/README.md (host cost) for how it was made.
@@ -68,9 +70,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device-flow", action="store_true",
                         help="also the after tree with --pixel-work device (the host's share "
                              "of the GPU-resident flow), alternating with the other two")
+    parser.add_argument("--pixel-work", choices=("host", "device"), default="host",
+                        help="the flow both trees run in (default host)")
     args = parser.parse_args(argv)
-    configs = {"before": (args.before, "host"), "after": (args.after, "host")}
-    if args.device_flow:
+    configs = {"before": (args.before, args.pixel_work), "after": (args.after, args.pixel_work)}
+    if args.device_flow and args.pixel_work == "host":
         configs["after_device_flow"] = (args.after, "device")
     runs: dict = {str(i): {c: [] for c in configs} for i in args.inputs}
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -202,9 +204,15 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-def jpeg_header(data: np.ndarray) -> tuple[tuple[int, int], int] | None:
-    """((width, height) as stored, EXIF orientation 1-8) from a JPEG's headers, without
-    decoding; None if not a JPEG. Orientation is 1 (as stored) when there is no EXIF tag."""
+class JpegHeader(NamedTuple):
+    size: tuple[int, int]  # (width, height) as stored
+    orientation: int  # EXIF 1-8; 1 (as stored) when there is no tag
+    frame: int  # the SOF marker: 0xC0 baseline, 0xC2 progressive, ...
+    components: int  # 1 grey, 3 colour, 4 CMYK
+
+
+def jpeg_header(data: np.ndarray) -> JpegHeader | None:
+    """A JPEG's frame header and EXIF orientation, without decoding; None if not a JPEG."""
     buf = data[: 1 << 20].tobytes()  # headers (EXIF thumbnails included) fit in 1 MiB
     if buf[:2] != b"\xff\xd8":
         return None
@@ -217,7 +225,7 @@ def jpeg_header(data: np.ndarray) -> tuple[tuple[int, int], int] | None:
         if marker in _JPEG_SOF:
             height, width = int.from_bytes(buf[i + 5:i + 7], "big"), \
                 int.from_bytes(buf[i + 7:i + 9], "big")
-            return (width, height), orientation
+            return JpegHeader((width, height), orientation, marker, buf[i + 9])
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             i += 1 if marker == 0xFF else 2
             continue
@@ -284,12 +292,40 @@ def reduction_for(size: tuple[int, int], working_size: int, margin: float = 1.2)
     return 1
 
 
-def decode(path: str | os.PathLike, working_size: int | None = None):
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG file's bytes for a device that decodes it (nvJPEG, pixel_work.DevicePixels): the
+    host has read the file and its headers, nothing more."""
+
+    data: np.ndarray  # the whole file, uint8
+    size: tuple[int, int]  # (width, height): as stored, which is as displayed (orientation 1)
+
+    def decode(self) -> np.ndarray:
+        """Decoded on the host as `decode` would: where the device cannot (no nvJPEG, a file
+        it refuses). Raises ValueError with a reason for an unreadable file."""
+        return _decoded(self.data, cv2.IMREAD_UNCHANGED, 1)
+
+
+# What a device decoder takes as it is: Huffman-coded baseline, extended and progressive frames
+# (nvJPEG's), grey or colour, in stored orientation. Anything else (lossless, arithmetic coding,
+# CMYK, EXIF-turned) is decoded on the host, where the rules above already hold.
+_DEVICE_FRAMES = frozenset({0xC0, 0xC1, 0xC2})
+
+
+def _device_decodable(header: JpegHeader | None) -> bool:
+    return header is not None and header.frame in _DEVICE_FRAMES and \
+        header.components in (1, 3) and header.orientation == 1
+
+
+def decode(path: str | os.PathLike, working_size: int | None = None, keep_jpeg: bool = False):
     """(image as decoded, original (width, height), reduction factor) for one file.
 
     Large JPEGs are decoded at 1/2, 1/4 or 1/8 size (DCT scaling, several times faster) when
     that still leaves more pixels than the working canvas needs; the original size is kept
     so outputs are written at full size.
+
+    keep_jpeg: a JPEG that a device decoder takes and that would be decoded at full size comes
+    back undecoded, as an EncodedJpeg (the GPU decodes it with its batch).
 
     Orientation rule: a JPEG's EXIF orientation is honoured on both paths, so the image (and
     every output made from it) has the pixels and the width x height that a photo viewer
@@ -298,15 +334,16 @@ def decode(path: str | os.PathLike, working_size: int | None = None):
     data = _read_bytes(path)
     header = jpeg_header(data)
     orientation = header[1] if header else 1
-    if header and working_size:
-        factor = reduction_for(header[0], working_size)
-        if factor > 1:
-            try:
-                img = _decoded(data, _REDUCED[factor], orientation)
-            except ValueError:
-                img = None  # e.g. a truncated file: the full decode below says why
-            if img is not None:
-                return img, displayed_size(header[0], orientation), factor
+    factor = reduction_for(header[0], working_size) if header and working_size else 1
+    if keep_jpeg and factor == 1 and _device_decodable(header):
+        return EncodedJpeg(data, header.size), header.size, 1
+    if factor > 1:
+        try:
+            img = _decoded(data, _REDUCED[factor], orientation)
+        except ValueError:
+            img = None  # e.g. a truncated file: the full decode below says why
+        if img is not None:
+            return img, displayed_size(header[0], orientation), factor
     img = _decoded(data, cv2.IMREAD_UNCHANGED, orientation)
     return img, (img.shape[1], img.shape[0]), 1
 

@@ -32,6 +32,7 @@ from .allocator import keep_freed_memory
 from .backends.tta import FlipTTA
 from .card import write_json_atomic
 from .io import (
+    EncodedJpeg,
     decode,
     discover,
     encode,
@@ -133,24 +134,30 @@ class Pipeline:
 
     # --- stages run in the thread pools ------------------------------------------------
     def load(self, item: Item) -> Item:
-        """Decode, detect the FOV, letterbox onto the canvas. Never raises."""
+        """Decode, detect the FOV, letterbox onto the canvas (or only read a JPEG that the
+        device decodes: pixel_work). Never raises."""
         start = time.perf_counter()
         try:
             # Decoded for the largest canvas the policy may pick: the choice needs the size.
             raw, (width, height), factor = decode(
-                item.path, max(self.sizes) if self.opt.reduced_decode else None)
-            rgb = to_rgb8(raw)
+                item.path, max(self.sizes) if self.opt.reduced_decode else None,
+                keep_jpeg=self.pixels.takes_jpeg and item.fov_file is None
+                and not self.opt.overlay_dir)  # an overlay is drawn on the host's pixels
+            rgb = raw if isinstance(raw, EncodedJpeg) else to_rgb8(raw)
         except Exception as e:
             return item.fail("decode", e)
         item.row.update(width=width, height=height, decode_scale=factor)
         start = _timed(item.row, "decode_s", start)
         try:
-            fov = self._fov(item, rgb)
             canvas = choose_canvas((width, height), self.backend.size, self.policy)
-            self.pixels.place(item, rgb, fov.box, canvas, (width, height))
             item.row["canvas"] = canvas
-            item.row.update(self.pixels.quality(item, rgb, fov))
-            item.fov = fov
+            if isinstance(rgb, EncodedJpeg):
+                self.pixels.place_jpeg(item, rgb)
+            else:
+                fov = self._fov(item, rgb)
+                self.pixels.place(item, rgb, fov.box, canvas, (width, height))
+                item.row.update(self.pixels.quality(item, rgb, fov))
+                item.fov = fov
             if self.opt.overlay_dir:
                 item.image = rgb
         except Exception as e:
@@ -331,10 +338,11 @@ class Pipeline:
             self._record(item)
             return
         # One batch per canvas size: a batch is one tensor.
-        batch = self.batches.setdefault(item.letterbox.canvas, [])
+        side = item.row["canvas"]
+        batch = self.batches.setdefault(side, [])
         batch.append(item)
         if len(batch) == self.backend.batch_size:
-            self._submit_batch(item.letterbox.canvas)
+            self._submit_batch(side)
 
     def _submit_batch(self, size: int) -> None:
         items = self.batches.pop(size)
@@ -362,6 +370,9 @@ class Pipeline:
         self.inferring.popleft()
         seconds = getattr(future, "compute_seconds", time.perf_counter() - submitted)
         for it, result in zip(items, results, strict=True):
+            if isinstance(result, Exception):  # a JPEG the device could not decode either
+                self._record(it.fail("decode", result))
+                continue
             it.row["infer_s"] = round(seconds / len(items), 5)
             self.writes.append(self.writer.submit(self.finish, it, result))
         while len(self.writes) > 2 * self.workers:

@@ -8,10 +8,13 @@ one small interface the pipeline calls (`place`, `submit`, `masked`):
   into canvas probabilities (`Backend.submit`), the host maps them back and thresholds.
 - DevicePixels: the decoded photograph goes to the backend's device once and everything up to
   the uint8 mask runs there (`TorchBackend.segment_decoded`, preprocess_gpu), and so do the
-  quality flags' statistics (qc_gpu: per-pixel work on the canvas that is there already); the
-  host keeps decoding, the FOV decisions (from a thumbnail: cheap and branchy), measurements,
-  PNG encoding and writing. Behind a GPU this takes the letterbox and the
-  resize-back off the host cores that feed it (benchmarks/README.md, host cost per image).
+  quality flags' statistics (qc_gpu: per-pixel work on the canvas that is there already).
+  Where the backend decodes JPEGs on its device (`decodes_jpeg`: nvJPEG on a CUDA GPU), a
+  JPEG goes there undecoded (io.EncodedJpeg) and the device decodes the batch; other files
+  are decoded on the host. The host keeps reading files, the FOV decisions (from a
+  thumbnail: cheap and branchy), measurements, PNG encoding and writing. Behind a GPU this
+  takes decoding, the letterbox and the resize-back off the host cores that feed it
+  (benchmarks/README.md, host cost per image).
 
 Everything before (decode, FOV, the letterbox *plan*, batching by canvas side) and after
 (measurements, QC flags from the statistics, scores, writes, ledger) is the pipeline's, shared
@@ -38,6 +41,7 @@ class HostPixels:
     """Canvases made on the host, probabilities thresholded on the host (any backend)."""
 
     name = "host"
+    takes_jpeg = False  # whether `place_jpeg` may be given undecoded JPEGs
 
     def __init__(self, backend, threshold: float, keep_prob):
         self.backend, self.threshold, self.keep_prob = backend, threshold, keep_prob
@@ -65,6 +69,15 @@ class DevicePixels(HostPixels):
 
     name = "device"
 
+    def __init__(self, backend, threshold: float, keep_prob):
+        super().__init__(backend, threshold, keep_prob)
+        self.takes_jpeg = bool(getattr(backend, "decodes_jpeg", False))
+
+    def place_jpeg(self, item, jpeg) -> None:
+        """An undecoded JPEG (io.EncodedJpeg): the device decodes it, finds its FOV and plans
+        its letterbox; `masked` takes both from the result."""
+        item.canvas, item.letterbox, item.fov = jpeg, None, None
+
     def place(self, item, rgb: np.ndarray, box, canvas: int, size: tuple[int, int]) -> None:
         # The plan only (no pixels): batching needs the canvas side, and the device applies
         # this same plan (preprocess.plan_letterbox) to the photograph itself.
@@ -78,11 +91,13 @@ class DevicePixels(HostPixels):
         # One probability map per image is fetched for the whole batch when any image needs
         # it (--prob, --truth): segment_decoded takes one keep_prob per batch.
         return self.backend.segment_decoded(
-            [it.canvas for it in items], [it.letterbox.image_size for it in items],
+            [it.canvas for it in items],
+            [it.letterbox and it.letterbox.image_size for it in items],
             [it.fov for it in items], threshold=self.threshold,
             keep_prob=any(self.keep_prob(it) for it in items), canvas=canvas)
 
     def masked(self, item, result) -> Masked:
+        item.fov, item.letterbox = result.fov, result.letterbox  # decided there for JPEGs
         prob = result.prob if self.keep_prob(item) else None
         return Masked(result.mask, result.fov_mask, result.fov_area, result.vessel_pixels, prob,
                       result.quality)

@@ -123,21 +123,41 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(x + 0.5).clamp_(0, 255).to(torch.uint8)
 
 
-def fov_thumbnail(rgb: torch.Tensor) -> np.ndarray:
-    """The brightest channel of a <= 256 px thumbnail, on the host (see preprocess)."""
+def thumbnail_on_device(rgb: torch.Tensor) -> torch.Tensor:
+    """The brightest channel of a <= 256 px thumbnail (see preprocess), left on the device."""
     h, w = rgb.shape[:2]
     scale = FOV_THUMB / max(h, w)
     thumb = rgb
     if scale < 1:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
         thumb = _to_uint8(_resample(rgb.float(), size, area_weights))
-    return thumb.amax(dim=2).cpu().numpy()
+    return thumb.amax(dim=2)
+
+
+def fov_thumbnail(rgb: torch.Tensor) -> np.ndarray:
+    """thumbnail_on_device, fetched to the host."""
+    return thumbnail_on_device(rgb).cpu().numpy()
+
+
+def detect_fovs(images: list[torch.Tensor]) -> list[FieldOfView]:
+    """detect_fov for a batch: the thumbnails made on the device and fetched in one transfer
+    (one wait for the device per batch, not one per photograph), decided on the host."""
+    if not images:
+        return []
+    thumbs = [thumbnail_on_device(rgb) for rgb in images]
+    fetched = torch.cat([t.reshape(-1) for t in thumbs]).cpu().numpy()
+    fovs, offset = [], 0
+    for rgb, thumb in zip(images, thumbs, strict=True):
+        small = fetched[offset:offset + thumb.numel()].reshape(tuple(thumb.shape))
+        offset += thumb.numel()
+        fovs.append(fov_from_thumbnail(small, (rgb.shape[1], rgb.shape[0]), full_mask=False))
+    return fovs
 
 
 def detect_fov(rgb: torch.Tensor) -> FieldOfView:
     """FOV of an image tensor: thumbnail here, decisions on the host; `small` holds the mask
     at thumbnail size and `mask` is None (fov_mask_at makes it on the device)."""
-    return fov_from_thumbnail(fov_thumbnail(rgb), (rgb.shape[1], rgb.shape[0]), full_mask=False)
+    return detect_fovs([rgb])[0]
 
 
 def letterbox(rgb: torch.Tensor, box: tuple[int, int, int, int], canvas: int,

@@ -161,6 +161,14 @@ MUTATIONS = (
              (Edit("retina_batch/allocator.py", "keep_freed_memory",
                    "mallopt(param, value) == 1", "True"),),
              ("tests/test_allocator.py",)),
+    Mutation("jpegs-always-decoded-on-the-host", "the GPU flow decodes every JPEG on the host",
+             (Edit(PIPELINE, "Pipeline.load", "self.pixels.takes_jpeg", "False"),),
+             ("tests/test_pixel_work.py", "tests/test_bench.py")),
+    Mutation("device-thumbnails-fetched-at-one-offset", "every FOV of a batch from its first "
+             "photograph's thumbnail",
+             (Edit("retina_batch/preprocess_gpu.py", "detect_fovs",
+                   "offset += thumb.numel()", "offset += 0"),),
+             ("tests/test_preprocess_gpu.py",)),
 )
 
 

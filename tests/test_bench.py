@@ -174,29 +174,49 @@ def test_no_inference_backend_stands_for_an_instant_device_in_the_gpu_resident_f
     """--backend none --pixel-work device: the host's share of the GPU-resident flow. Every
     image goes through segment_decoded (no canvases made on the host), comes back as what a
     device returns (empty mask and FOV mask at the original size, quality columns left to the
-    device), and is written like any other."""
+    device), and is written like any other. JPEGs go undecoded, as to a GPU with nvJPEG: the
+    host decodes nothing (its FOV then comes from a stand-in thumbnail), a PNG is decoded
+    on the host as before."""
+    import threading
+
+    import cv2
     import numpy as np
 
-    from retina_batch import segment
+    from retina_batch import io, segment
     from retina_batch.backends.none import NoInferenceBackend
     from retina_batch.io import read_mask
     from retina_batch.ledger import Ledger
 
-    rows = {}
+    rows, decoded_in = {}, {"host": [], "device": []}
+    original = io._decoded
     for flow in ("host", "device"):
         with monkeypatch.context() as patch:
             if flow == "device":  # canvases made on the host would fail their batch
                 patch.setattr(NoInferenceBackend, "submit", None)
+            patch.setattr(io, "_decoded", lambda *a, flow=flow: decoded_in[flow].append(
+                threading.current_thread().name) or original(*a))
             summary = segment(images, tmp_path / flow, backend="none", pixel_work=flow)
         assert summary["counts"]["ok"] == 6 and summary["settings"]["pixel_work"] == flow
         rows[flow] = {r["path"]: r for r in Ledger.reader(tmp_path / flow).rows()}
     for path, row in rows["device"].items():
         host = rows["host"][path]
-        assert (row["width"], row["height"], row["fov_area"], row["canvas"]) == \
-               (host["width"], host["height"], host["fov_area"], host["canvas"])
+        assert (row["width"], row["height"], row["canvas"]) == \
+               (host["width"], host["height"], host["canvas"])
+        assert row["fov_found"] and 0.4 < row["fov_area"] / host["fov_area"] < 1.2
         assert row["qc_sharpness"] is None and host["qc_sharpness"] is not None
         mask = read_mask(tmp_path / "device" / row["output"])
         assert mask.shape == (row["height"], row["width"]) and not np.any(mask)
+    # the pipeline's decode threads decoded every photograph in the host flow, none in the
+    # device flow (the report's thumbnails are decoded after the run, in this thread)
+    assert sum(name.startswith("decode") for name in decoded_in["host"]) == 6
+    assert not any(name.startswith("decode") for name in decoded_in["device"])
+    png = tmp_path / "png"
+    png.mkdir()
+    first = sorted(images.iterdir())[0]
+    cv2.imwrite(str(png / "a.png"), cv2.imread(str(first)))
+    summary = segment(png, tmp_path / "png-device", backend="none", pixel_work="device")
+    row = next(Ledger.reader(tmp_path / "png-device").rows())
+    assert summary["counts"]["ok"] == 1 and row["fov_area"] == rows["host"][str(first)]["fov_area"]
     record = bench(images, backend="none", batch_sizes=(2,), workers=(1,), repeat=1,
                    isolate=False, pure_images=2, naive=False, pixel_work="device")
     result = record["results"][0]

@@ -220,7 +220,7 @@ def exif_jpeg(orientation: int | None, order: str = "MM", ifd: int = 8, others: 
     ("MM", 8, 6), ("II", 8, 8), ("II", 20, 3), ("MM", 26, 7), ("II", 8, 2), ("MM", 8, 1)])
 def test_jpeg_header_reads_the_exif_orientation(order, ifd, orientation):
     assert jpeg_size(exif_jpeg(orientation, order, ifd)) == (40, 30)  # as stored
-    assert jpeg_header(exif_jpeg(orientation, order, ifd)) == ((40, 30), orientation)
+    assert jpeg_header(exif_jpeg(orientation, order, ifd))[:2] == ((40, 30), orientation)
     # The Orientation entry alone, and last in a block that ends right after it.
     assert jpeg_header(exif_jpeg(orientation, order, ifd, others=0, tail=False))[1] == \
         orientation
@@ -228,8 +228,8 @@ def test_jpeg_header_reads_the_exif_orientation(order, ifd, orientation):
 
 @pytest.mark.parametrize("orientation", [None, 0, 9])  # absent, or values EXIF does not define
 def test_jpeg_header_without_a_usable_orientation_means_as_stored(orientation):
-    assert jpeg_header(exif_jpeg(orientation)) == ((40, 30), 1)
-    assert jpeg_header(exif_jpeg(orientation, "II", 20)) == ((40, 30), 1)
+    assert jpeg_header(exif_jpeg(orientation))[:2] == ((40, 30), 1)
+    assert jpeg_header(exif_jpeg(orientation, "II", 20))[:2] == ((40, 30), 1)
 
 
 def test_read_image_turns_a_jpeg_as_its_exif_says(tmp_path):
@@ -254,7 +254,7 @@ def test_jpeg_header_reads_ifd0_only():
     ok, buf = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))
     data = buf.tobytes()
     jpeg = data[:2] + b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
-    assert jpeg_header(np.frombuffer(jpeg, np.uint8)) == ((40, 30), 1)
+    assert jpeg_header(np.frombuffer(jpeg, np.uint8))[:2] == ((40, 30), 1)
 
 
 def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
@@ -262,17 +262,17 @@ def test_jpeg_header_ignores_what_is_not_an_exif_orientation():
     odd = bytearray(exif_jpeg(6).tobytes())
     at = odd.index(b"Exif\0\0MM") + 6
     odd[at:at + 2] = b"XX"
-    assert jpeg_header(np.frombuffer(bytes(odd), np.uint8)) == ((40, 30), 1)
+    assert jpeg_header(np.frombuffer(bytes(odd), np.uint8))[:2] == ((40, 30), 1)
     png = np.frombuffer(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, np.uint8)
     assert jpeg_header(png) is None and jpeg_size(png) is None
     # An APP1 block of another kind (XMP) holding the same bytes is not EXIF.
     xmp = exif_jpeg(6, marker=b"http://ns.adobe.com/xap/1.0/\0")
-    assert jpeg_header(xmp) == ((40, 30), 1)
+    assert jpeg_header(xmp)[:2] == ((40, 30), 1)
     # IFD0 claiming more entries than the block holds: read what is there, no crash.
     cut = bytearray(exif_jpeg(6, others=3).tobytes())
     count_at = cut.index(b"Exif\0\0") + 6 + 8  # IFD0's entry count, big-endian
     cut[count_at:count_at + 2] = (60).to_bytes(2, "big")
-    assert jpeg_header(np.frombuffer(bytes(cut), np.uint8)) == ((40, 30), 6)
+    assert jpeg_header(np.frombuffer(bytes(cut), np.uint8))[:2] == ((40, 30), 6)
 
 
 def test_jpeg_header_walks_past_fill_bytes_standalone_markers_and_long_segments():
@@ -285,7 +285,7 @@ def test_jpeg_header_walks_past_fill_bytes_standalone_markers_and_long_segments(
     comment = b"\xff\xfe" + (2 + 300).to_bytes(2, "big") + b"c" * 300  # a 300-byte COM
     odd = b"\xff\xff\xff\xd8\xff\x01\xff\xd0\xff\xd7\x00"  # fill, SOI, TEM, RST0, RST7, junk
     walked = soi + odd + app1 + odd + comment + rest[len(app1):]
-    assert jpeg_header(np.frombuffer(walked, np.uint8)) == ((40, 30), 6)
+    assert jpeg_header(np.frombuffer(walked, np.uint8))[:2] == ((40, 30), 6)
     # Cut before its frame header: not a size, and no exception.
     assert jpeg_header(np.frombuffer(walked[:200], np.uint8)) is None
 
@@ -303,3 +303,36 @@ def test_decode_turns_and_sizes_an_exif_jpeg_on_both_paths(tmp_path):
     img, size, factor = decode(path, 10)
     assert (img.shape[:2], size, factor) == ((15, 20), (40, 30), 2)
     assert reduction_for((48, 30), 20) == 2  # 48 / 2 == 1.2 x 20: the boundary is inclusive
+
+
+def test_decode_keeps_only_the_jpegs_a_device_decoder_takes(tmp_path):
+    """keep_jpeg (the GPU-resident flow): a JPEG comes back undecoded only when nvJPEG would
+    decode it as the host does (Huffman baseline/progressive, grey or colour, stored upright)
+    and the host would decode it at full size; everything else is decoded here as before."""
+    from retina_batch.io import EncodedJpeg
+
+    def saved(name: str, data: bytes) -> Path:
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+
+    colour = np.random.default_rng(0).integers(0, 255, (30, 40, 3), np.uint8)
+    plain = saved("plain.jpg", cv2.imencode(".jpg", colour)[1].tobytes())
+    grey = saved("grey.jpg", cv2.imencode(".jpg", colour[..., 0])[1].tobytes())
+    progressive = saved("p.jpg", cv2.imencode(".jpg", colour,
+                                             [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes())
+    for path in (plain, grey, progressive):
+        kept, size, factor = decode(path, keep_jpeg=True)
+        assert isinstance(kept, EncodedJpeg) and size == kept.size == (40, 30) and factor == 1
+        assert np.array_equal(kept.decode(), decode(path)[0])  # the host fallback: the same
+        assert not isinstance(decode(path)[0], EncodedJpeg)  # only when asked for
+    turned = saved("turned.jpg", exif_jpeg(6).tobytes())
+    upright = saved("upright.jpg", exif_jpeg(1).tobytes())
+    assert isinstance(decode(upright, keep_jpeg=True)[0], EncodedJpeg)
+    image, size, _ = decode(turned, keep_jpeg=True)  # EXIF-turned: the host turns it
+    assert isinstance(image, np.ndarray) and image.shape[:2] == (40, 30) and size == (30, 40)
+    big = saved("big.jpg", cv2.imencode(".jpg", np.zeros((1200, 1600, 3), np.uint8))[1].tobytes())
+    image, size, factor = decode(big, 512, keep_jpeg=True)  # reduced decode stays on the host
+    assert isinstance(image, np.ndarray) and factor == 2 and size == (1600, 1200)
+    assert isinstance(decode(big, 1400, keep_jpeg=True)[0], EncodedJpeg)  # needs full size
+    png = saved("a.png", cv2.imencode(".png", colour)[1].tobytes())
+    assert isinstance(decode(png, keep_jpeg=True)[0], np.ndarray)

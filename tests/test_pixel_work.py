@@ -91,14 +91,20 @@ def spy(monkeypatch) -> list:
     return calls
 
 
-def assert_same_results(src: Path, host_out: Path, device_out: Path, images: int) -> list:
-    """Masks (Dice >= 0.999, worth comparing), rows and ledger records of both folders."""
+def assert_same_results(src: Path, host_out: Path, device_out: Path, images: int,
+                        failed_later: str = "") -> list:
+    """Masks (Dice >= 0.999, worth comparing), rows and ledger records of both folders.
+    `failed_later`: the name of a file that the device flow failed after reading its size
+    (its row has that size too; status and message must agree)."""
     host, device = (Ledger.reader(out) for out in (host_out, device_out))
     host_rows, device_rows = list(host.rows()), list(device.rows())
     assert [r["path"] for r in host_rows] == [r["path"] for r in device_rows]
     assert len(host_rows) == images
     fractions = []
     for want, got in zip(host_rows, device_rows, strict=True):
+        if failed_later and want["path"].endswith(failed_later):
+            assert (got["status"], got["message"]) == (want["status"], want["message"])
+            continue
         assert set(got) == set(want), want["path"]
         assert {k: got[k] for k in EXACT if k in want} == \
                {k: want[k] for k in EXACT if k in want}, want["path"]
@@ -270,3 +276,49 @@ def test_bench_pixel_work_device_with_no_model_is_one_usage_line(tmp_path):
     assert result.exit_code == 2
     assert result.output.startswith("error: --pixel-work device needs --backend torch")
     assert "BackendUnavailable" not in result.output
+
+
+def test_jpegs_go_to_the_device_undecoded_and_a_bad_one_fails_alone(tmp_path, monkeypatch):
+    """Where the backend decodes JPEGs on its device (nvJPEG on a GPU), the pipeline hands
+    them over undecoded: full-size baseline and progressive JPEGs go as io.EncodedJpeg (on
+    the CPU the backend decodes them with OpenCV, so the results equal the host decode's
+    exactly); a JPEG decoded at reduced size and a PNG are decoded on the host as before; a
+    truncated JPEG fails as a decode error on its own while the rest of its batch is written."""
+    from retina_batch.io import EncodedJpeg
+
+    src = tmp_path / "in"
+    for name, (w, h), seed, flags in (
+            ("a.jpg", (160, 120), 1, []), ("b.jpg", (150, 140), 2, []),
+            ("progressive.jpg", (170, 130), 3, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
+            ("reduced.jpg", (800, 600), 4, []), ("c.png", (140, 120), 5, [])):
+        image = synthesize(w, h, seed)[0]
+        src.mkdir(exist_ok=True)
+        (src / name).write_bytes(encode(Path(name).suffix, image, flags) if flags
+                                 else encode(Path(name).suffix, image))
+    whole = (src / "a.jpg").read_bytes()
+    (src / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    handed: list[str] = []
+    original = TorchBackend._decode_jpegs
+
+    def spying(self, images):
+        handed.extend(f"{i.size}" for i in images if isinstance(i, EncodedJpeg))
+        return original(self, images)
+
+    monkeypatch.setattr(TorchBackend, "_decode_jpegs", spying)
+    summaries = {"host-decoded": run(src, tmp_path / "host-decoded", "device", batch_size=3)}
+    assert handed == []  # a CPU torch backend does not say it decodes JPEGs: host decode
+    monkeypatch.setattr(TorchBackend, "decodes_jpeg", True)
+    summaries["device-decoded"] = run(src, tmp_path / "device-decoded", "device", batch_size=3)
+    assert sorted(handed) == ["(150, 140)", "(160, 120)", "(160, 120)", "(170, 130)"]
+    for summary in summaries.values():
+        assert summary["counts"]["ok"] == 5 and summary["counts"]["error"] == 1
+    rows = {r["path"]: r for r in Ledger.reader(tmp_path / "device-decoded").rows()}
+    bad = next(r for p, r in rows.items() if p.endswith("truncated.jpg"))
+    assert bad["status"] == "error" and bad["message"].startswith("decode: not a readable")
+    assert rows[str((src / "reduced.jpg").resolve())]["decode_scale"] > 1
+    assert_same_results(src, tmp_path / "host-decoded", tmp_path / "device-decoded", 6,
+                        failed_later="truncated.jpg")
+    for name in ("a", "b", "progressive"):
+        masks = [cv2.imread(str(tmp_path / flow / f"{name}.png"), 0)
+                 for flow in ("host-decoded", "device-decoded")]
+        assert np.array_equal(*masks) and masks[0].any(), name

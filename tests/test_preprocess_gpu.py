@@ -146,3 +146,9 @@ def test_segment_decoded_gives_the_cpu_pipelines_masks(tmp_path, shared):
             assert got.vessel_pixels > 0.02 * got.fov_area
             assert dice(got.mask, want.mask) >= 0.999, path.name
             assert np.abs(got.prob - want.prob).max() < 1e-2
+        # Decoded on the device (nvJPEG hands tensors): the FOVs come from thumbnails made
+        # there, for the batch at once; the same boxes and masks.
+        tensors = runner.segment_decoded([torch.from_numpy(i) for i in images], sizes).result()
+        for path, got, want in zip(paths, tensors, results, strict=True):
+            assert got.fov.box == want.fov.box and got.fov_area == want.fov_area, path.name
+            assert dice(got.mask, want.mask) >= 0.999, path.name

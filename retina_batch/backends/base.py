@@ -50,6 +50,9 @@ class Backend(abc.ABC):
     name: str = "?"
     # Why this model file (and so this precision) runs; set by open_backend's precision choice.
     precision_reason: str = ""
+    # Whether segment_decoded decodes JPEGs on its device (io.EncodedJpeg in, nvJPEG there):
+    # the GPU-resident flow then hands such files over undecoded (pixel_work.DevicePixels).
+    decodes_jpeg: bool = False
 
     def __init__(self, model: str | Path, batch_size: int = 4, device: str = "auto"):
         from .precision import model_precision

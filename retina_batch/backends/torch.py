@@ -159,9 +159,12 @@ class TorchBackend(WorkerThreadBackend):
         DecodedResult in input order (its `compute_seconds`: the whole batch's time).
 
         images: RGB uint8 H x W x 3, numpy arrays (decoded on the host) or torch tensors
-        already on the device (decode_jpegs). sizes: the original (width, height) of each,
-        when decoded at reduced size (None: as decoded). fovs: a preprocess.FieldOfView per
-        image from FOV files, or None to detect it (from a thumbnail, on the host).
+        already on the device, or io.EncodedJpeg (decoded here: on a GPU with nvJPEG, the
+        whole batch in one call; else on the host). A file that no decoder reads gets its
+        exception in its result's place (the other images go on). sizes: the original
+        (width, height) of each, when decoded at reduced size (None: as decoded). fovs: a
+        preprocess.FieldOfView per image from FOV files, or None to detect it (from a
+        thumbnail: made where the image is, decided on the host).
         threshold: default the card's. keep_prob: also return float32 probabilities.
         canvas: the side of the batch's square canvas (default the working size; one per
         batch, as the host path batches by canvas).
@@ -176,17 +179,67 @@ class TorchBackend(WorkerThreadBackend):
                               self.threshold if threshold is None else float(threshold),
                               keep_prob, canvas)
 
+    @property
+    def decodes_jpeg(self) -> bool:
+        """On a CUDA device with torchvision's nvJPEG: JPEGs are best decoded there."""
+        return bool(getattr(self, "cuda", False)) and _has_torchvision()
+
     def _segment_decoded(self, images, sizes, fovs, threshold, keep_prob, canvas) -> list:
         torch = self._torch
         staging = self._staging() if self.cuda else None
         stream = torch.cuda.stream(staging.stream) if self.cuda else contextlib.nullcontext()
         with torch.inference_mode(), stream:
-            prepared = [self._prepare(staging, i, img, size, fov, canvas)
-                        for i, (img, size, fov) in enumerate(zip(images, sizes, fovs,
-                                                                  strict=True))]
+            images = self._decode_jpegs(images)
+            good = [i for i, image in enumerate(images) if not isinstance(image, Exception)]
+            if not good:
+                return images
+            fovs = self._device_fovs(images, fovs)
+            prepared = [self._prepare(staging, k, images[i], sizes[i], fovs[i], canvas)
+                        for k, i in enumerate(good)]
             canvases = torch.stack([canvas for canvas, _, _, _, _ in prepared])
             probs = self.module(canvases).float()
-            return self._finish(staging, prepared, probs, threshold, keep_prob)
+            results = list(images)
+            for i, result in zip(good, self._finish(staging, prepared, probs, threshold,
+                                                    keep_prob), strict=True):
+                results[i] = result
+            return results
+
+    @staticmethod
+    def _device_fovs(images: list, fovs: list) -> list:
+        """The FOV of every image tensor that has none yet, for the whole batch at once
+        (preprocess_gpu.detect_fovs: one fetch of the thumbnails per batch)."""
+        from .. import preprocess_gpu as device
+
+        todo = [i for i, (image, fov) in enumerate(zip(images, fovs, strict=True))
+                if fov is None and not isinstance(image, (np.ndarray, Exception))]
+        fovs = list(fovs)
+        for i, fov in zip(todo, device.detect_fovs([images[i] for i in todo]), strict=True):
+            fovs[i] = fov
+        return fovs
+
+    def _decode_jpegs(self, images: list) -> list:
+        """io.EncodedJpeg entries decoded (others as they are): the batch's JPEGs in one
+        nvJPEG call on a GPU; where that is missing or refuses the batch (one bad file fails
+        the call), each file on its own, then on the host; an unreadable file becomes its
+        ValueError."""
+        from ..io import EncodedJpeg
+        from ..preprocess import to_rgb8
+
+        at = [i for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
+        if not at:
+            return images
+        out = list(images)
+        decoded = _nvjpeg([images[i].data for i in at]) if self.cuda else None
+        for k, i in enumerate(at):
+            if decoded is not None:
+                out[i] = decoded[k]
+                continue
+            one = _nvjpeg([images[i].data]) if self.cuda and len(at) > 1 else None
+            try:
+                out[i] = one[0] if one else to_rgb8(images[i].decode())
+            except ValueError as e:  # the host decode's reason, as the host flow reports it
+                out[i] = e
+        return out
 
     def _prepare(self, staging, index: int, image, size, fov, side: int):
         """(canvas, letterbox, FOV, FOV mask at decoded size, quality statistics) of one
@@ -202,8 +255,6 @@ class TorchBackend(WorkerThreadBackend):
                                               full_mask=False)
             image = self._upload(staging, f"image{index}", image) if self.cuda \
                 else self._torch.from_numpy(image)
-        elif fov is None:
-            fov = device.detect_fov(image)
         canvas, lb = device.letterbox(image, fov.box, side, size)
         fov_mask = device.fov_on_device(fov, decoded, canvas.device)
         quality = qc_gpu.image_quality(image, fov_mask, fov.box, (canvas, lb.source_box))
@@ -251,10 +302,17 @@ class TorchBackend(WorkerThreadBackend):
                 "streams": self.worker_threads}
 
 
-def decode_jpegs(datas: list[bytes], device: str = "cuda") -> list | None:
-    """JPEG bytes -> RGB uint8 H x W x 3 tensors decoded on the GPU (nvJPEG, through
-    torchvision.io.decode_jpeg with device="cuda", batched); None when torchvision or a CUDA
-    device is missing, and the caller decodes on the host (io.decode). UNTESTED on a GPU."""
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def decode_jpegs(datas: list, device: str = "cuda") -> list | None:
+    """JPEG files' bytes (uint8 numpy arrays) -> RGB uint8 H x W x 3 tensors decoded on the
+    GPU (nvJPEG, through torchvision.io.decode_jpeg with device="cuda", batched, on the current
+    CUDA stream); None when torchvision or a CUDA device is missing, and the caller decodes on
+    the host. Raises RuntimeError when nvJPEG refuses a file. UNTESTED on a GPU."""
     try:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -262,6 +320,14 @@ def decode_jpegs(datas: list[bytes], device: str = "cuda") -> list | None:
         return None
     if device != "cuda" or not torch.cuda.is_available():
         return None
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    tensors = [torch.from_numpy(np.ascontiguousarray(d)) for d in datas]
     decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     return [image.permute(1, 2, 0) for image in decoded]  # C x H x W -> H x W x C (a view)
+
+
+def _nvjpeg(datas: list) -> list | None:
+    """decode_jpegs on the GPU, None where it cannot or refuses (the caller falls back)."""
+    try:
+        return decode_jpegs(datas, "cuda")
+    except RuntimeError:
+        return None

@@ -324,3 +324,33 @@ def test_jpegs_go_to_the_device_undecoded_and_a_bad_one_fails_alone(tmp_path, mo
         masks = [cv2.imread(str(tmp_path / flow / f"{name}.png"), 0)
                  for flow in ("host-decoded", "device-decoded")]
         assert np.array_equal(*masks) and masks[0].any(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_nvjpeg_decodes_as_the_host_does_and_gives_the_same_masks(tmp_path, monkeypatch):
+    """On a GPU: JPEGs decoded by nvJPEG (torchvision) against OpenCV's libjpeg, pixel by
+    pixel and through the whole GPU-resident flow (masks Dice >= 0.999, the flows' rule)."""
+    pytest.importorskip("torchvision")
+    from retina_batch.backends.torch import decode_jpegs
+    from retina_batch.io import decode
+
+    src = tmp_path / "in"
+    for i, (w, h) in enumerate(((565, 584), (1620, 1444), (999, 960), (512, 512))):
+        write(src, f"{i}.jpg", synthesize(w, h, i)[0])
+    files = sorted(src.iterdir())
+    on_gpu = decode_jpegs([np.fromfile(f, np.uint8) for f in files])
+    assert on_gpu is not None
+    for f, image in zip(files, on_gpu, strict=True):
+        host = cv2.cvtColor(decode(f)[0], cv2.COLOR_BGR2RGB).astype(int)
+        difference = np.abs(image.cpu().numpy().astype(int) - host)
+        assert image.shape == host.shape and difference.mean() < 1.0, f.name
+    masks = {}
+    for flow, decodes in (("host-decoded", False), ("nvjpeg", True)):
+        monkeypatch.setattr(TorchBackend, "decodes_jpeg", decodes)
+        summary = retina_batch.segment(src, tmp_path / flow, backend="torch", model=CHECKPOINT,
+                                       device="cuda", pixel_work="device", batch_size=2)
+        assert summary["counts"]["ok"] == 4
+        masks[flow] = [read_mask(tmp_path / flow / f"{f.stem}.png") for f in files]
+    for name, a, b in zip(files, masks["host-decoded"], masks["nvjpeg"], strict=True):
+        assert dice(a, b) >= 0.999, name

@@ -329,5 +329,5 @@ def _nvjpeg(datas: list) -> list | None:
     """decode_jpegs on the GPU, None where it cannot or refuses (the caller falls back)."""
     try:
         return decode_jpegs(datas, "cuda")
-    except RuntimeError:
+    except (RuntimeError, ValueError):  # torchvision's errors for a file nvJPEG refuses
         return None

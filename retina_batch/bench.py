@@ -160,7 +160,7 @@ def _run_pipeline(runner, job: dict, out: Path, progress) -> dict:
     options = Options(out=out / "masks", metrics=out / "metrics.csv", workers=job["workers"],
                       inflight=job["inflight"], write=job["write"], overwrite=True,
                       reduced_decode=job["reduced_decode"], report=False,
-                      pixel_work=job["pixel_work"])
+                      pixel_work=job["pixel_work"], jpeg_decode=job["jpeg_decode"])
     cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     summary = _TimedPipeline(runner, options, on_row).run(job["source"])
     cpu, wall = _cpu_seconds() - cpu0, time.perf_counter() - wall0
@@ -357,13 +357,14 @@ def contention() -> dict:
 
 def _job(mode: str, source: Path, images: int, config: Config, *, backend, model, device,
          repeat, inflight, write, pure_images, pure_repeat, truth=None,
-         pixel_work="auto") -> dict:
+         pixel_work="auto", jpeg_decode="auto") -> dict:
     return {"mode": mode, "source": str(source), "images": images, "backend": backend,
             "model": str(model) if model else None, "device": device,
             "precision": config.precision, "truth": str(truth) if truth else None,
             "batch_size": config.batch_size, "workers": config.workers, "inflight": inflight,
             "reduced_decode": config.reduced_decode, "repeat": repeat, "write": write,
-            "pure_images": pure_images, "pure_repeat": pure_repeat, "pixel_work": pixel_work}
+            "pure_images": pure_images, "pure_repeat": pure_repeat, "pixel_work": pixel_work,
+            "jpeg_decode": jpeg_decode}
 
 
 def _in_subprocess(job: dict, on_progress=None) -> dict:
@@ -417,7 +418,8 @@ def _summarise(raw: dict, config: Config | None, naive_ips: float | None) -> dic
                              "workers": runs[0]["settings"]["workers"],
                              "inflight": runs[0]["settings"]["inflight"],
                              "reduced_decode": config.reduced_decode,
-                             "pixel_work": runs[0]["settings"]["pixel_work"]}, **result,
+                             "pixel_work": runs[0]["settings"]["pixel_work"],
+                             "jpeg_on_device": runs[0]["settings"]["jpeg_on_device"]}, **result,
                   "pure_inference_ips": pure, "pure_inference_images": raw["pure"]["images"],
                   "efficiency": round(ips / pure, 3) if pure else None,
                   "speedup_vs_naive": round(ips / naive_ips, 3) if naive_ips else None}
@@ -501,7 +503,7 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
           inflight: int = 2, write: bool = True, reduced_decode=(True,), naive: bool = True,
           naive_reduced_decode: bool | None = None, pure_images: int = 32,
           pure_repeat: int | None = None, isolate: bool = True, on_progress=None,
-          on_result=None, pixel_work: str = "auto") -> dict:
+          on_result=None, pixel_work: str = "auto", jpeg_decode: str = "auto") -> dict:
     """Measure the pipeline on `source` (folder, image or list) or on `synthetic` generated
     images of `size`, for every reduced_decode x batch size x workers x precision (innermost,
     so fp32 and int8 runs alternate and share the machine's load); returns the record.
@@ -513,8 +515,9 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
     write=True writes masks to a temporary folder (deleted after), False runs every stage but
     the file writes. isolate=False measures in this process (faster to start; peak RSS is
     then the whole process's). on_progress(label, done, total) and on_result(label, result)
-    report as it goes. pixel_work: the pipeline's (segment's --pixel-work); the naive loop
-    and the backend-only figure always use canvases made on the host.
+    report as it goes. pixel_work, jpeg_decode: the pipeline's (segment's --pixel-work and
+    --jpeg-decode); the naive loop and the backend-only figure always use canvases made on
+    the host.
     """
     from .io import discover
 
@@ -538,12 +541,14 @@ def bench(source=None, *, synthetic: int | None = None, size: tuple[int, int] = 
         run = _in_subprocess if isolate else _in_process
         common = dict(backend=backend, model=model, device=device, repeat=repeat,
                       inflight=inflight, write=write, pure_images=pure_images,
-                      pure_repeat=pure_repeat or repeat, truth=truth, pixel_work=pixel_work)
+                      pure_repeat=pure_repeat or repeat, truth=truth, pixel_work=pixel_work,
+                      jpeg_decode=jpeg_decode)
         record = {"started": started, "machine": machine_info(), "input": {
             **info, "synthetic": synthetic is not None, "seed": seed if synthetic else None},
             "settings": {"repeat": repeat, "rounds": rounds, "write": write, "isolated": isolate,
                          "pure_images": pure_images, "pure_repeat": pure_repeat or repeat,
-                         "inflight": inflight, "pixel_work": pixel_work},
+                         "inflight": inflight, "pixel_work": pixel_work,
+                         "jpeg_decode": jpeg_decode},
             "contention_before": load_before}
         naive_ips = None
         if naive:

@@ -118,8 +118,8 @@ def synth(out, count, size, fmt, quality, seed, unique, masks_dir):
               help="[run] Write the full record (machine, settings, every figure) here.")
 @click.option("--quiet", "-q", is_flag=True, help="[run] No progress or table.")
 def bench(source, synthetic, size, fmt, validation, truth, backend, model, device, precisions,
-          batch_sizes, workers, decode, pixel_work, repeat, rounds, output, no_naive, json_path,
-          quiet):
+          batch_sizes, workers, decode, pixel_work, jpeg_decode, repeat, rounds, output,
+          no_naive, json_path, quiet):
     """Measure the segment pipeline: images/s, stage costs, latency, memory, CPU.
 
     Runs the real pipeline on SOURCE (folder, image or list) or on --synthetic N generated
@@ -169,7 +169,8 @@ def bench(source, synthetic, size, fmt, validation, truth, backend, model, devic
                                    rounds=rounds,
                                    write=output == "tmp", reduced_decode=reduced,
                                    naive=not no_naive, on_progress=on_progress,
-                                   on_result=on_result, pixel_work=pixel_work)
+                                   on_result=on_result, pixel_work=pixel_work,
+                                   jpeg_decode=jpeg_decode)
         except (InputError, BackendUnavailable, BenchError, ValueError) as e:
             fail(str(e))
         except OSError as e:

@@ -51,7 +51,13 @@ def bench_model_options(command):
 
 
 def pixel_work_option(command):
-    """--pixel-work: where the per-pixel work between decode and mask runs (pixel_work.py)."""
+    """--pixel-work: where the per-pixel work between decode and mask runs (pixel_work.py);
+    --jpeg-decode: whether JPEGs are decoded there too."""
+    command = click.option(
+        "--jpeg-decode", default="auto", show_default=True, type=click.Choice(["auto", "host"]),
+        help="[speed] With the pixel work on the device: auto decodes JPEGs there too where "
+             "the backend can (nvJPEG on a CUDA GPU, with torchvision), host decodes every "
+             "file on the host.")(command)
     return click.option(
         "--pixel-work", default="auto", show_default=True,
         type=click.Choice(["auto", "host", "device"]),

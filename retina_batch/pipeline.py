@@ -80,6 +80,7 @@ class Options:
     stop: threading.Event | None = None
     shard: Shard | None = None  # only this shard's inputs, its own ledger file (see shard.py)
     pixel_work: str = "auto"  # where letterbox .. threshold run: auto, host, device (pixel_work)
+    jpeg_decode: str = "auto"  # auto: JPEGs decoded on the device where it can; host: never
 
 
 @dataclass
@@ -128,6 +129,7 @@ class Pipeline:
         self.sizes = canvas_sizes(backend.size, self.policy)
         self.pixels = choose_pixel_work(backend, options.pixel_work, self.threshold,
                                         lambda item: bool(options.prob_dir or item.truth))
+        self.jpeg_on_device = self.pixels.takes_jpeg and options.jpeg_decode == "auto"
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.run_id = f"{stamp}-{secrets.token_hex(3)}"  # unique even for runs a second apart
         keep_freed_memory()  # image-sized arrays reuse freed memory, no page faults (allocator)
@@ -141,7 +143,7 @@ class Pipeline:
             # Decoded for the largest canvas the policy may pick: the choice needs the size.
             raw, (width, height), factor = decode(
                 item.path, max(self.sizes) if self.opt.reduced_decode else None,
-                keep_jpeg=self.pixels.takes_jpeg and item.fov_file is None
+                keep_jpeg=self.jpeg_on_device and item.fov_file is None
                 and not self.opt.overlay_dir)  # an overlay is drawn on the host's pixels
             rgb = raw if isinstance(raw, EncodedJpeg) else to_rgb8(raw)
         except Exception as e:
@@ -417,7 +419,7 @@ class Pipeline:
     def _settings(self) -> dict:
         return {"workers": self.workers, "batch_size": self.backend.batch_size,
                 "inflight": self.opt.inflight, "overwrite": self.opt.overwrite,
-                "pixel_work": self.pixels.name}
+                "pixel_work": self.pixels.name, "jpeg_on_device": self.jpeg_on_device}
 
     def _outputs(self) -> dict:
         layout = self.layout
@@ -502,7 +504,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
             truth_dir=None, fov_dir=None, overwrite: bool = False, write: bool = True,
             on_row=None, on_open=None, on_start=None, stop: threading.Event | None = None,
             reduced_decode: bool = True, shard: Shard | None = None,
-            size: int | str = "auto", tta: bool = False, pixel_work: str = "auto") -> dict:
+            size: int | str = "auto", tta: bool = False, pixel_work: str = "auto",
+            jpeg_decode: str = "auto") -> dict:
     """Segment every image of `source` (folder tree, image, or list file) into `out`.
 
     Returns the run summary (also written to OUT/summary.json). Raises InputError for an
@@ -514,7 +517,8 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     have been checked against the folder's ledger (resume.Plan: found, done, todo, refused).
     `shard`: process only that shard's inputs (shard.py; its summary goes beside its ledger).
     `pixel_work`: where letterbox, resize back, threshold and FOV masking run (pixel_work.py):
-    auto (the backend's device when it is a CUDA GPU), host, or device.
+    auto (the backend's device when it is a CUDA GPU), host, or device. `jpeg_decode`: auto
+    hands JPEGs to that device undecoded where it decodes them (nvJPEG), host never does.
     """
     from .backends import open_backend
 
@@ -523,6 +527,7 @@ def segment(source, out, *, backend: str = "onnxruntime", model=None, device: st
     options = Options(threshold=threshold, overwrite=overwrite, workers=workers,
                       inflight=inflight, write=write, stop=stop,
                       reduced_decode=reduced_decode, shard=shard, pixel_work=pixel_work,
+                      jpeg_decode=jpeg_decode,
                       **paths)
     with open_backend(backend, model, batch_size=batch_size, device=device,
                       precision=precision) as runner:

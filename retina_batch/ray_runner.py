@@ -347,8 +347,10 @@ def segment_ray(source, out, *, backend: str = "onnxruntime", model=None, device
                 truth_dir=None, fov_dir=None,
                 overwrite: bool = False, on_row=None, on_open=None, on_start=None,
                 stop: threading.Event | None = None, pools: Pools | None = None,
-                size: int | str = "auto", tta: bool = False, pixel_work: str = "auto") -> dict:
-    """pipeline.segment on Ray: same arguments (`workers` is Ray's to choose: unused), same
+                size: int | str = "auto", tta: bool = False, pixel_work: str = "auto",
+                jpeg_decode: str = "auto") -> dict:
+    """pipeline.segment on Ray: same arguments (`workers` is Ray's to choose: unused; and
+    `jpeg_decode`: every file is decoded on the host, where the canvases are made), same
     outputs and summary, same errors. `pools`: actor counts (default: from the cluster).
     Every photograph goes on the model's working canvas (one tensor shape per actor batch):
     `--size N`, `--tta` and `--pixel-work device` are refused rather than ignored."""

@@ -78,7 +78,8 @@ def test_bench_in_process_has_every_figure(tiny_onnx, images):
         _check_result(r, 6)
         assert r["config"] == {"precision": "auto", "batch_size": bs, "workers": 1,
                                "inflight": 2, "reduced_decode": True,
-                               "pixel_work": "host"}  # auto, and no GPU here
+                               "pixel_work": "host",  # auto, and no GPU here
+                               "jpeg_on_device": False}
         assert r["precision"] == "fp32"  # auto, and the tiny model has no int8 file
         assert len(r["end_to_end_runs"]) == 2
         # the ratios are the ratios of the reported figures
@@ -217,11 +218,14 @@ def test_no_inference_backend_stands_for_an_instant_device_in_the_gpu_resident_f
     summary = segment(png, tmp_path / "png-device", backend="none", pixel_work="device")
     row = next(Ledger.reader(tmp_path / "png-device").rows())
     assert summary["counts"]["ok"] == 1 and row["fov_area"] == rows["host"][str(first)]["fov_area"]
-    record = bench(images, backend="none", batch_sizes=(2,), workers=(1,), repeat=1,
-                   isolate=False, pure_images=2, naive=False, pixel_work="device")
-    result = record["results"][0]
-    assert result["config"]["pixel_work"] == "device" and result["errors"] == 0
-    assert result["images"] == 6 and result["host_ms_per_image"] > 0
+    for jpeg_decode, on_device in (("auto", True), ("host", False)):
+        record = bench(images, backend="none", batch_sizes=(2,), workers=(1,), repeat=1,
+                       isolate=False, pure_images=2, naive=False, pixel_work="device",
+                       jpeg_decode=jpeg_decode)
+        result = record["results"][0]
+        assert result["config"]["pixel_work"] == "device" and result["errors"] == 0
+        assert result["config"]["jpeg_on_device"] is on_device
+        assert result["images"] == 6 and result["host_ms_per_image"] > 0
 
 
 def test_segment_does_not_offer_the_no_inference_backend(tmp_path):

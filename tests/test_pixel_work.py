@@ -310,7 +310,11 @@ def test_jpegs_go_to_the_device_undecoded_and_a_bad_one_fails_alone(tmp_path, mo
     summaries = {"host-decoded": run(src, tmp_path / "host-decoded", "device", batch_size=3)}
     assert handed == []  # a CPU torch backend does not say it decodes JPEGs: host decode
     monkeypatch.setattr(TorchBackend, "decodes_jpeg", True)
+    summaries["asked-host"] = run(src, tmp_path / "asked-host", "device", batch_size=3,
+                                  jpeg_decode="host")  # --jpeg-decode host: none handed over
+    assert handed == [] and not summaries["asked-host"]["settings"]["jpeg_on_device"]
     summaries["device-decoded"] = run(src, tmp_path / "device-decoded", "device", batch_size=3)
+    assert summaries["device-decoded"]["settings"]["jpeg_on_device"]
     assert sorted(handed) == ["(150, 140)", "(160, 120)", "(160, 120)", "(170, 130)"]
     for summary in summaries.values():
         assert summary["counts"]["ok"] == 5 and summary["counts"]["error"] == 1

@@ -162,7 +162,10 @@ MUTATIONS = (
                    "mallopt(param, value) == 1", "True"),),
              ("tests/test_allocator.py",)),
     Mutation("jpegs-always-decoded-on-the-host", "the GPU flow decodes every JPEG on the host",
-             (Edit(PIPELINE, "Pipeline.load", "self.pixels.takes_jpeg", "False"),),
+             (Edit(PIPELINE, "Pipeline.load", "self.jpeg_on_device", "False"),),
+             ("tests/test_pixel_work.py", "tests/test_bench.py")),
+    Mutation("jpeg-decode-host-ignored", "--jpeg-decode host still hands JPEGs to the device",
+             (Edit(PIPELINE, "Pipeline.__init__", "options.jpeg_decode == 'auto'", "True"),),
              ("tests/test_pixel_work.py", "tests/test_bench.py")),
     Mutation("device-thumbnails-fetched-at-one-offset", "every FOV of a batch from its first "
              "photograph's thumbnail",

@@ -1,13 +1,14 @@
 """Per-photograph scores of several `segment --truth` runs on the same photographs, paired.
 
-    python benchmarks/paired_scores.py NAME=OUT_DIR NAME=OUT_DIR ... [--columns dice,auc]
-        [--csv FILE]
+    python benchmarks/paired_scores.py NAME=RUN NAME=RUN ... [--columns dice,auc] [--csv FILE]
 
-Each OUT_DIR is a `segment --truth` output folder (its metrics.csv); rows pair by file stem
-(retina_batch.io.pair_key). Prints, for each run after the first and each column, the mean
-difference to the first run and on how many photographs it is higher: a mean of 22 photographs
-can hide one large change, a count cannot. `--csv` writes the joined table (photograph, then
-NAME_COLUMN for each run and column). Used for train/experiments/r4-drive-only-illumination/.
+Each RUN is a `segment --truth` output folder (its metrics.csv), or a per-photograph CSV committed
+from one (a `path` or `photograph` column, as in train/experiments/loco/), so that a run scored
+in an earlier session can be the reference; rows pair by file stem (retina_batch.io.pair_key).
+Prints, for each run after the first and each column, the mean difference to the first run and
+on how many photographs it is higher: a mean of 22 photographs can hide one large change, a count
+cannot. `--csv` writes the joined table (photograph, then NAME_COLUMN for each run and column).
+Used for train/experiments/r4-drive-only-illumination/ and r5-two-cameras-illumination/.
 """
 
 from __future__ import annotations
@@ -16,31 +17,39 @@ import argparse
 import csv
 from pathlib import Path
 
-from measure_agreement import read
+from retina_batch.io import pair_key
 
 
-def scored(folder: Path, columns: list[str]) -> dict[str, dict]:
+def scored(run: Path, columns: list[str]) -> dict[str, dict]:
     """{photograph key: {column: float}} for the rows that carry every column."""
-    rows = read(folder / "metrics.csv")
-    return {key: {c: float(row[c]) for c in columns} for key, row in rows.items()
-            if all(row.get(c) not in (None, "") for c in columns)}
+    with open(run / "metrics.csv" if run.is_dir() else run, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {pair_key(row.get("path") or row["photograph"]): {c: float(row[c]) for c in columns}
+            for row in rows if all(row.get(c) not in (None, "") for c in columns)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="NAME=OUT_DIR, the first is the reference")
+    parser.add_argument("runs", nargs="+", help="NAME=RUN, the first is the reference")
     parser.add_argument("--columns", default="dice,auc")
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     columns = args.columns.split(",")
     runs = {}
     for spec in args.runs:
-        name, sep, folder = spec.partition("=")
+        name, sep, run = spec.partition("=")
         if not sep:
-            parser.error(f"{spec!r}: expected NAME=OUT_DIR")
-        runs[name] = scored(Path(folder), columns)
+            parser.error(f"{spec!r}: expected NAME=RUN")
+        if not (Path(run) / "metrics.csv").is_file() and not Path(run).is_file():
+            parser.error(f"{run}: no metrics.csv (give a `segment --truth` output folder "
+                         "or a per-photograph CSV)")
+        runs[name] = scored(Path(run), columns)
     keys = sorted(set.intersection(*(set(r) for r in runs.values())),
                   key=lambda k: (len(k), k))  # numeric stems in numeric order
+    if not keys:
+        # Different photographs (or runs without --truth) would otherwise divide by zero.
+        parser.error(f"no photograph has {', '.join(columns)} in every run: score the same "
+                     "photographs with `segment --truth`")
     reference_name, reference = next(iter(runs.items()))
     print(f"{len(keys)} photographs in every run; reference {reference_name}")
     for name, run in list(runs.items())[1:]:

@@ -21,8 +21,11 @@ from retina_batch.measure import COLUMNS
 
 
 def read(path: Path) -> dict[str, dict]:
+    """Rows keyed by photograph: the `path` column of a metrics CSV, or the `photograph` column
+    of the per-photograph tables committed under train/experiments/."""
     with open(path, newline="") as f:
-        return {pair_key(row["path"]): row for row in csv.DictReader(f)}
+        return {pair_key(row.get("path") or row["photograph"]): row
+                for row in csv.DictReader(f)}
 
 
 def agreement(first: dict, second: dict) -> list[dict]:

@@ -17,15 +17,13 @@ import argparse
 import csv
 from pathlib import Path
 
-from retina_batch.io import pair_key
+from measure_agreement import read
 
 
-def scored(run: Path, columns: list[str]) -> dict[str, dict]:
+def scored(table: Path, columns: list[str]) -> dict[str, dict]:
     """{photograph key: {column: float}} for the rows that carry every column."""
-    with open(run / "metrics.csv" if run.is_dir() else run, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {pair_key(row.get("path") or row["photograph"]): {c: float(row[c]) for c in columns}
-            for row in rows if all(row.get(c) not in (None, "") for c in columns)}
+    return {key: {c: float(row[c]) for c in columns} for key, row in read(table).items()
+            if all(row.get(c) not in (None, "") for c in columns)}
 
 
 def main() -> None:
@@ -40,10 +38,11 @@ def main() -> None:
         name, sep, run = spec.partition("=")
         if not sep:
             parser.error(f"{spec!r}: expected NAME=RUN")
-        if not (Path(run) / "metrics.csv").is_file() and not Path(run).is_file():
+        table = Path(run) / "metrics.csv" if Path(run).is_dir() else Path(run)
+        if not table.is_file():
             parser.error(f"{run}: no metrics.csv (give a `segment --truth` output folder "
                          "or a per-photograph CSV)")
-        runs[name] = scored(Path(run), columns)
+        runs[name] = scored(table, columns)
     keys = sorted(set.intersection(*(set(r) for r in runs.values())),
                   key=lambda k: (len(k), k))  # numeric stems in numeric order
     if not keys:

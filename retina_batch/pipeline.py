@@ -157,7 +157,7 @@ class Pipeline:
                 self.pixels.place_jpeg(item, rgb)
             else:
                 fov = self._fov(item, rgb)
-                self.pixels.place(item, rgb, fov.box, canvas, (width, height))
+                self.pixels.place(item, rgb, fov, canvas, (width, height))
                 item.row.update(self.pixels.quality(item, rgb, fov))
                 item.fov = fov
             if self.opt.overlay_dir:

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from .preprocess import Masked, letterbox, plan_letterbox, threshold_in_fov
+from .preprocess import Masked, blank_outside, letterbox, plan_letterbox, threshold_in_fov
 from .qc import image_quality
 
 SETTINGS = ("auto", "host", "device")
@@ -46,9 +46,11 @@ class HostPixels:
     def __init__(self, backend, threshold: float, keep_prob):
         self.backend, self.threshold, self.keep_prob = backend, threshold, keep_prob
 
-    def place(self, item, rgb: np.ndarray, box, canvas: int, size: tuple[int, int]) -> None:
-        """item.canvas: what the backend is given (here the letterboxed canvas)."""
-        item.canvas, item.letterbox = letterbox(rgb, box, canvas, size)
+    def place(self, item, rgb: np.ndarray, fov, canvas: int, size: tuple[int, int]) -> None:
+        """item.canvas: what the backend is given (here the letterboxed canvas, blank outside
+        the FOV)."""
+        item.canvas, item.letterbox = letterbox(rgb, fov.box, canvas, size)
+        blank_outside(item.canvas, item.letterbox, fov.mask)
 
     def quality(self, item, rgb: np.ndarray, fov) -> dict:
         """The qc_* columns known after `place` (here all of them: qc.image_quality, which
@@ -78,11 +80,11 @@ class DevicePixels(HostPixels):
         its letterbox; `masked` takes both from the result."""
         item.canvas, item.letterbox, item.fov = jpeg, None, None
 
-    def place(self, item, rgb: np.ndarray, box, canvas: int, size: tuple[int, int]) -> None:
+    def place(self, item, rgb: np.ndarray, fov, canvas: int, size: tuple[int, int]) -> None:
         # The plan only (no pixels): batching needs the canvas side, and the device applies
         # this same plan (preprocess.plan_letterbox) to the photograph itself.
         item.canvas = rgb
-        item.letterbox = plan_letterbox(box, (rgb.shape[1], rgb.shape[0]), canvas, size)
+        item.letterbox = plan_letterbox(fov.box, (rgb.shape[1], rgb.shape[0]), canvas, size)
 
     def quality(self, item, rgb: np.ndarray, fov) -> dict:
         return {}  # computed on the device with the mask: `masked` hands them over

@@ -178,6 +178,17 @@ def letterbox(rgb: torch.Tensor, box: tuple[int, int, int, int], canvas: int,
     return out, plan
 
 
+def blank_outside(canvas: torch.Tensor, lb: Letterbox, fov_mask: torch.Tensor) -> None:
+    """preprocess.blank_outside on the device: the canvas zeroed outside the FOV, in place
+    (`fov_mask` at the decoded image's size; the same nearest-neighbour resize)."""
+    x0, y0, x1, y1 = lb.source_box
+    px0, py0, px1, py1 = lb.placed
+    if x1 <= x0 or y1 <= y0:
+        return
+    inside = fov_mask_at(fov_mask[y0:y1, x0:x1], (px1 - px0, py1 - py0))
+    canvas[py0:py1, px0:px1] *= inside[..., None].to(canvas.dtype)
+
+
 def _back_to_box(canvas_map: torch.Tensor, lb: Letterbox) -> torch.Tensor | None:
     px0, py0, px1, py1 = lb.placed
     x0, y0, x1, y1 = lb.box

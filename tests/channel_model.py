@@ -16,7 +16,7 @@ from retina_batch.card import sha256, write_json_atomic
 
 
 def write_channel_onnx(folder: Path, size: int = 64, threshold: float = 0.5,
-                       channel: int = 0) -> Path:
+                       channel: int = 0, bias: float = 0.0) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -27,10 +27,12 @@ def write_channel_onnx(folder: Path, size: int = 64, threshold: float = 0.5,
         helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("Slice", ["f", "start", "stop", "axis"], ["one"]),
         helper.make_node("Squeeze", ["one", "axis"], ["plane"]),
-        helper.make_node("Mul", ["plane", "scale"], ["probabilities"]),
+        helper.make_node("Mul", ["plane", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["probabilities"]),
     ]
     inits = [const("start", [channel]), const("stop", [channel + 1]), const("axis", [3]),
-             numpy_helper.from_array(np.asarray(1 / 255, np.float32), "scale")]
+             numpy_helper.from_array(np.asarray(1 / 255, np.float32), "scale"),
+             numpy_helper.from_array(np.asarray(bias, np.float32), "bias")]
     graph = helper.make_graph(
         nodes, "channel", [helper.make_tensor_value_info("images", TensorProto.UINT8,
                                                          ["n", size, size, 3])],

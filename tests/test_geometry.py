@@ -158,10 +158,12 @@ def test_masks_of_a_rotated_jpeg_are_in_the_orientation_a_viewer_shows(
 
 # --- the field of view ---------------------------------------------------------------------
 
-def test_predictions_outside_a_circular_fov_are_zero(red_model, tmp_path):
-    """p = 1 everywhere in the frame, a circular FOV mask given with --fov: the mask must be
-    exactly that circle. (A rectangular FOV would not tell FOV masking from cropping to its
-    bounding box: the corners of the box are what this checks.)"""
+def test_predictions_outside_a_circular_fov_are_zero(tmp_path):
+    """p >= 1 everywhere in the frame (a model that adds 1 to the red channel: the canvas is
+    blank outside the FOV, so p would not be 1 there otherwise), a circular FOV mask given
+    with --fov: the mask must be exactly that circle. (A rectangular FOV would not tell FOV
+    masking from cropping to its bounding box: the corners of the box are what this checks.)"""
+    everywhere = write_channel_onnx(tmp_path / "model", SIZE, bias=1.0)
     width, height = 160, 120
     img = np.zeros((height, width, 3), np.uint8)
     img[..., 2] = 255
@@ -171,6 +173,6 @@ def test_predictions_outside_a_circular_fov_are_zero(red_model, tmp_path):
                                 ("fov", "21_training_mask.png", fov)):
         (tmp_path / folder).mkdir()
         assert cv2.imwrite(str(tmp_path / folder / name), image)
-    out = segment_masks(red_model, tmp_path / "in", tmp_path / "out", True,
+    out = segment_masks(everywhere, tmp_path / "in", tmp_path / "out", True,
                         fov_dir=tmp_path / "fov")
     assert np.array_equal(read_mask(out / "21_training.png"), fov > 0)

@@ -8,6 +8,7 @@ from tiny import fundus_like
 from retina_batch.io import decode, read_mask
 from retina_batch.preprocess import (
     Letterbox,
+    blank_outside,
     detect_fov,
     letterbox,
     scale_box,
@@ -70,6 +71,85 @@ def test_bright_text_in_a_corner_is_not_the_fov():
     x0, y0, x1, y1 = fov.box
     assert abs((x0 + x1) / 2 - 200) <= 3 and abs((y0 + y1) / 2 - 150) <= 3
     assert not fov.mask[5:40, 5:60].any()
+
+
+def _grey_rim(bgr: np.ndarray, inside: np.ndarray, level: float, seed: int = 0) -> np.ndarray:
+    """`bgr` with everything outside `inside` replaced by grainy grey (a scanned-film rim)."""
+    out = bgr.copy()
+    outside = ~inside.astype(bool)
+    grain = np.random.default_rng(seed).normal(level, 6, (np.count_nonzero(outside), 3))
+    out[outside] = np.clip(grain, 0, 255).astype(np.uint8)
+    return out
+
+
+def _vignetted(bgr: np.ndarray, inside: np.ndarray, edge: float) -> np.ndarray:
+    """`bgr` darkened towards the FOV's edge, to `edge` x its brightness there (dim periphery)."""
+    h, w = inside.shape
+    cy, cx = np.argwhere(inside).mean(axis=0)
+    yy, xx = np.mgrid[:h, :w]
+    d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (np.count_nonzero(inside) / np.pi)
+    return (bgr * np.clip(1 - (1 - edge) * d2, edge, 1)[..., None]).astype(np.uint8)
+
+
+def _disc(width: int, height: int) -> np.ndarray:
+    return cv2.circle(np.zeros((height, width), np.uint8), (width // 2, height // 2),
+                      int(0.45 * min(width, height)), 1, -1)
+
+
+@pytest.mark.parametrize("rim", [20, 30])
+def test_fov_is_found_behind_a_grey_grainy_rim(rim):
+    """Scanned film and some JPEGs have a grey, grainy rim, not a black one; a fixed fraction of
+    the brightest retina (the old level, ~27 here) took it for retina and gave up (no FOV)."""
+    inside = _disc(400, 360)
+    img = _grey_rim(fundus_like(400, 360), inside, rim)[:, :, ::-1].copy()
+    fov = detect_fov(img)
+    assert fov.found
+    found = fov.mask > 0
+    assert np.count_nonzero(found & (inside > 0)) / np.count_nonzero(found | (inside > 0)) > 0.97
+
+
+def test_fov_keeps_a_dim_periphery():
+    """Vignetting: the retina's edge at 15 % of its brightness (~27 in the brightest channel)
+    is still FOV; the old fixed level cut the FOV short there."""
+    inside = _disc(400, 360)
+    img = _vignetted(fundus_like(400, 360), inside, 0.15)[:, :, ::-1].copy()
+    fov = detect_fov(img)
+    assert fov.found
+    assert fov.area == pytest.approx(np.count_nonzero(inside), rel=0.03)
+
+
+@pytest.mark.parametrize("width, height", [(1000, 900), (1620, 1444), (3504, 2336), (700, 605)])
+def test_a_sharp_fov_edge_is_placed_within_the_thumbnail_pixels_it_crosses(width, height):
+    """Thumbnail pixels on the FOV's edge are part rim: the edge band is decided again at a
+    quarter of the way from the rim to the retina, so a sharp disc's area is found within
+    1.25 % (measured 1.0-1.2 %; a single threshold just above the rim: 1.3-1.9 %)."""
+    img = np.zeros((height, width, 3), np.uint8)
+    radius = int(0.46 * min(width, height))
+    cv2.circle(img, (width // 2 + 3, height // 2 + 1), radius, (120, 60, 30), -1)
+    assert 0.99 < detect_fov(img).area / (np.pi * radius**2) < 1.0125
+
+
+def test_the_canvas_is_black_outside_the_fov_whatever_the_rim():
+    """What the model is given does not depend on the rim's grey: outside the FOV the canvas
+    is zero (the model only ever saw near-black rims), inside it is the photograph. (That the
+    FOV is found behind such a rim is the test above.)"""
+    inside = _disc(300, 280)
+    black = fundus_like(300, 280)[:, :, ::-1].copy()
+    grey = _grey_rim(black, inside, 30)
+    canvases = []
+    fov = detect_fov(black)  # one FOV for both (as from --fov): the same letterbox
+    for img in (black, grey):
+        canvas, lb = letterbox(img, fov.box, 256)
+        blank_outside(canvas, lb, fov.mask)
+        canvases.append(canvas)
+    found, _ = letterbox(fov.mask * 255, fov.box, 256)
+    outside = cv2.erode((found < 128).astype(np.uint8), np.ones((3, 3), np.uint8))
+    assert not canvases[1][outside > 0].any()
+    on_canvas, _ = letterbox(inside, fov.box, 256, interpolation=cv2.INTER_NEAREST)
+    # The edge ring mixes rim and retina when the crop is resized; everything else is equal.
+    core = cv2.erode(on_canvas, np.ones((5, 5), np.uint8)) > 0
+    assert np.array_equal(canvases[0][core], canvases[1][core])
+    assert canvases[1][core].any()
 
 
 @pytest.mark.parametrize("image", [
@@ -236,9 +316,31 @@ def test_fov_on_another_camera_against_its_fov_masks(shared_data):
         truth = read_mask(folder / "fov" / f"{path.stem}_mask.gif")
         found = fov.mask > 0
         ious[path.name] = np.count_nonzero(found & truth) / np.count_nonzero(found | truth)
-    assert min(ious.values()) > 0.93, ious
-    assert sorted(ious.values())[2] > 0.985, ious  # all but the two hardest
-    assert np.mean(list(ious.values())) > 0.985
+    assert min(ious.values()) > 0.98, ious
+    assert np.mean(list(ious.values())) > 0.99
+
+
+def test_fov_of_another_camera_under_other_cameras_rims_and_lighting(shared_data):
+    """LES-AV's photographs as other cameras would give them: a grey grainy rim (level 15) or a
+    periphery dimmed to 30 %. The detected FOV still matches the photograph's FOV mask (IoU
+    > 0.9 for every photograph; before the rim was measured: no FOV at all behind the rim for
+    one photograph (17 of 22 at level 25), IoU down to 0.70 with the dim periphery). The
+    hardest is 586, whose retina on one side is as dark as a grey rim: IoU 0.93 here, 0.87
+    behind a rim at 20."""
+    folder = shared_data / "les-av"
+    images = sorted((folder / "images").glob("*.png"))
+    if not images:
+        pytest.skip("les-av/images is empty")
+    for path in images:
+        raw, _, _ = decode(path, 512)
+        truth = cv2.resize(read_mask(folder / "fov" / f"{path.stem}_mask.gif").astype(np.uint8),
+                           (raw.shape[1], raw.shape[0]), interpolation=cv2.INTER_NEAREST)
+        for img in (_grey_rim(raw, truth, 15), _vignetted(raw, truth, 0.3)):
+            fov = detect_fov(to_rgb8(img))
+            assert fov.found, path.name
+            found = fov.mask > 0
+            iou = np.count_nonzero(found & (truth > 0)) / np.count_nonzero(found | (truth > 0))
+            assert iou > 0.9, (path.name, iou)
 
 
 # --- the cheaper FOV detection and thresholding give the same answers ------------------------

@@ -139,16 +139,43 @@ def test_segment_decoded_gives_the_cpu_pipelines_masks(tmp_path, shared):
         for path, rgb, size, got in zip(paths, images, sizes, results, strict=True):
             fov = host.detect_fov(rgb)
             canvas, lb = host.letterbox(rgb, fov.box, CANVAS, size)
+            host.blank_outside(canvas, lb, fov.mask)
             want = host.threshold_in_fov(runner.infer(canvas[None])[0], lb, fov.mask,
                                          runner.threshold, keep_prob=True)
             assert got.mask.shape == want.mask.shape == (size[1], size[0])
             assert got.fov.box == fov.box and got.fov_area == want.fov_area
             assert got.vessel_pixels > 0.02 * got.fov_area
             assert dice(got.mask, want.mask) >= 0.999, path.name
-            assert np.abs(got.prob - want.prob).max() < 1e-2
+            # Canvases within 1 grey level of each other: the probabilities agree to ~1e-3 at
+            # 99.9 % of the pixels; the model amplifies it at a few (0.027 at worst here).
+            difference = np.abs(got.prob - want.prob)
+            assert difference.max() < 3e-2 and np.percentile(difference, 99.9) < 5e-3
         # Decoded on the device (nvJPEG hands tensors): the FOVs come from thumbnails made
         # there, for the batch at once; the same boxes and masks.
         tensors = runner.segment_decoded([torch.from_numpy(i) for i in images], sizes).result()
         for path, got, want in zip(paths, tensors, results, strict=True):
             assert got.fov.box == want.fov.box and got.fov_area == want.fov_area, path.name
             assert dice(got.mask, want.mask) >= 0.999, path.name
+
+
+@pytest.mark.parametrize("side", [256, 1024])  # the photograph shrinks / grows onto it
+def test_same_canvas_blank_outside_the_fov_on_both_paths(side):
+    """Behind a grey, grainy rim both paths give the model a canvas that is zero outside the
+    FOV, at the same pixels, and the photograph inside it."""
+    rgb = cv2.cvtColor(synthesize(700, 605, 3)[0], cv2.COLOR_BGR2RGB)
+    outside = host.detect_fov(rgb).mask == 0
+    grain = np.random.default_rng(3).normal(30, 6, (np.count_nonzero(outside), 3))
+    rgb[outside] = np.clip(grain, 0, 255).astype(np.uint8)
+    fov = host.detect_fov(rgb)
+    assert fov.found
+    canvas, lb = host.letterbox(rgb, fov.box, side)
+    before = canvas.copy()
+    host.blank_outside(canvas, lb, fov.mask)
+    image = torch.from_numpy(rgb)
+    gcanvas, glb = device.letterbox(image, fov.box, side)
+    device.blank_outside(gcanvas, glb, device.fov_on_device(fov, rgb.shape[1::-1], "cpu"))
+    gcanvas = gcanvas.numpy()
+    blanked = (canvas == 0).all(axis=2) & (before > 0).any(axis=2)
+    assert blanked.mean() > 0.05  # the rim was there, and is gone
+    assert np.array_equal((gcanvas == 0).all(axis=2), (canvas == 0).all(axis=2))
+    assert np.abs(gcanvas.astype(int) - canvas.astype(int)).max() <= 1

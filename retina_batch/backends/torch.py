@@ -257,6 +257,7 @@ class TorchBackend(WorkerThreadBackend):
                 else self._torch.from_numpy(image)
         canvas, lb = device.letterbox(image, fov.box, side, size)
         fov_mask = device.fov_on_device(fov, decoded, canvas.device)
+        device.blank_outside(canvas, lb, fov_mask)
         quality = qc_gpu.image_quality(image, fov_mask, fov.box, (canvas, lb.source_box))
         return canvas, lb, fov, fov_mask, quality
 

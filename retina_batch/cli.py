@@ -145,7 +145,7 @@ def _canvas_size(ctx, param, value: str) -> int | str:
               help="[outputs] Mask folder: OUT/<relative path>.png, 0/255, original size; "
                    "also its ledger (OUT/.retina-batch), metrics.csv and summary.json.")
 @click.option("--prob", "prob_dir", type=click.Path(file_okay=False),
-              help="[outputs] Also write probability maps (8-bit PNG, p x 255) here.")
+              help="[outputs] Also write probability maps (16-bit PNG, p x 65535) here.")
 @click.option("--overlay", "overlay_dir", type=click.Path(file_okay=False),
               help="[outputs] Also write JPEG overlays (vessels in green) here.")
 @click.option("--metrics", type=click.Path(dir_okay=False),
@@ -234,7 +234,7 @@ def segment(source, as_json, quiet, shard, use_ray, **options):
 @click.argument("pred_dir", type=click.Path(file_okay=False))
 @click.argument("truth_dir", type=click.Path(file_okay=False))
 @click.option("--prob", "prob_dir", type=click.Path(file_okay=False),
-              help="Probability maps (8-bit PNG) for ROC AUC, paired by stem.")
+              help="Probability maps (8- or 16-bit PNG) for ROC AUC, paired by stem.")
 @click.option("--fov", "fov_dir", type=click.Path(file_okay=False),
               help="Field-of-view masks, paired by stem: adds fov_* scores.")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False),

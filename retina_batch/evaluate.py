@@ -46,9 +46,9 @@ def score_one(pred_path: Path, truth_path: Path, prob_path: Path | None = None,
     if prob_path is not None:
         prob = read_image(prob_path)
         prob = prob.max(axis=2) if prob.ndim == 3 else prob
-        if prob.dtype != np.uint8 or prob.shape != truth.shape:
-            raise ValueError(f"{prob_path.name}: expected an 8-bit probability map of the "
-                             "mask's size")
+        if prob.dtype not in (np.uint8, np.uint16) or prob.shape != truth.shape:
+            raise ValueError(f"{prob_path.name}: expected an 8- or 16-bit probability map of "
+                             "the mask's size")
         row["auc"] = roc_auc(prob, truth)
         if fov is not None:
             row["fov_auc"] = roc_auc(prob, truth, fov)

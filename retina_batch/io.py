@@ -383,6 +383,24 @@ MASK_PNG_PARAMS = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1,
                    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
+# Probability maps (segment --prob) as 16-bit greyscale PNG, p x 65535, at the fastest zlib
+# level: most of a map is near 0, so it compresses well anyway.
+PROB_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
+
+def read_probability(path: str | os.PathLike) -> np.ndarray:
+    """A stored probability map (16-bit PNG from `segment --prob`, or 8-bit as written before
+    2026-12-08) as float32 p in [0, 1]."""
+    levels = read_image(path)
+    if levels.ndim == 3:
+        levels = levels.max(axis=2)
+    if levels.dtype == np.uint16:
+        return levels.astype(np.float32) / 65535
+    if levels.dtype == np.uint8:
+        return levels.astype(np.float32) / 255
+    raise ValueError(f"{Path(path).name}: not an 8- or 16-bit probability map")
+
+
 def encode_mask(mask: np.ndarray) -> bytes:
     """A 2-D mask (any nonzero value is vessel) as a 1-bit PNG."""
     return encode(".png", mask.astype(np.uint8, copy=False), MASK_PNG_PARAMS)

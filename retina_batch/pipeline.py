@@ -32,6 +32,7 @@ from .allocator import keep_freed_memory
 from .backends.tta import FlipTTA
 from .card import write_json_atomic
 from .io import (
+    PROB_PNG_PARAMS,
     EncodedJpeg,
     decode,
     discover,
@@ -220,8 +221,10 @@ class Pipeline:
         all of them are written, so one that fails (or a kill) means the image is redone."""
         paths = self.layout.outputs(item.rel)
         if "prob" in paths:
-            levels = np.clip(prob * 255 + 0.5, 0, 255).astype(np.uint8)
-            self._write_file(item, "prob", encode(".png", levels))
+            # 16 bits: at 8 the faintest vessels tie with the background at the lowest levels
+            # and ROC AUC from the map loses ~0.003 (metrics.py).
+            levels = np.clip(prob * 65535 + 0.5, 0, 65535).astype(np.uint16)
+            self._write_file(item, "prob", encode(".png", levels, PROB_PNG_PARAMS))
         if "overlay" in paths:
             self._write_file(item, "overlay", encode(
                 ".jpg", overlay(item.image, mask), [cv2.IMWRITE_JPEG_QUALITY, 85]))

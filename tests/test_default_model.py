@@ -20,6 +20,7 @@ from retina_batch.backends import open_backend
 from retina_batch.backends.base import default_model
 from retina_batch.card import load_card, sha256
 from retina_batch.cli import main
+from retina_batch.io import read_probability
 from retina_batch.synth import synthesize
 
 # One copy of each of four DRIVE photographs (N // 4 = 2, 4, 6, 19): the recipe's validation
@@ -93,9 +94,9 @@ def model_with_threshold(tmp_path) -> Path:
 
 
 def clearly(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """Pixels whose stored 8-bit probability (round(p x 255)) says on which side of
+    """Pixels whose stored 16-bit probability (round(p x 65535)) says on which side of
     `threshold` the unrounded p lies."""
-    return np.abs(prob - threshold) > 0.5 / 255 + 1e-6
+    return np.abs(prob - threshold) > 0.5 / 65535 + 1e-6
 
 
 def test_masks_follow_the_card_threshold_and_the_threshold_option(model_with_threshold,
@@ -113,7 +114,8 @@ def test_masks_follow_the_card_threshold_and_the_threshold_option(model_with_thr
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         masks[name] = read_png(out / "eye.png") > 0
-        probs[name] = read_png(prob / "eye.png").astype(np.float32) / 255
+        read_png(prob / "eye.png")  # complete
+        probs[name] = read_probability(prob / "eye.png")
         (row,) = rows_of(out / "metrics.csv")
         assert float(row["threshold"]) == (CARD_THRESHOLD if name == "card" else 0.3)
     assert np.array_equal(probs["card"], probs["option"])  # the model does not change

@@ -28,6 +28,7 @@ from tiny import TINY_SIZE, fundus_like
 
 import retina_batch
 from retina_batch.cli import main
+from retina_batch.io import read_probability
 from retina_batch.metrics import roc_auc
 from retina_batch.pipeline import Options, Pipeline
 
@@ -126,7 +127,7 @@ def test_every_format_and_size_gives_full_size_outputs_in_a_mirrored_tree(
         name = Path(rel).with_suffix(".png")
         mask = assert_mask(out / name, size)
         levels = read_png(prob / name)
-        assert levels.dtype == np.uint8 and levels.shape == mask.shape
+        assert levels.dtype == np.uint16 and levels.shape == mask.shape
         overlay = cv2.imread(str(over / Path(rel).with_suffix(".jpg")))
         assert overlay.shape[:2] == mask.shape
         row = rows[str(zoo / rel)]
@@ -278,11 +279,12 @@ def test_probabilities_return_to_original_pixels_before_thresholding(
     assert rows[0]["decode_scale"] == (8 if name.endswith(".jpg") else 1)
     stem = Path(name).with_suffix(".png")
     mask = assert_mask(tmp_path / "out" / stem, (width, height)) > 0
-    prob = read_png(tmp_path / "prob" / stem).astype(np.float32) / 255
+    read_png(tmp_path / "prob" / stem)  # complete
+    prob = read_probability(tmp_path / "prob" / stem)
     # The mask is the full-resolution probability map thresholded: wherever the stored map is
     # clearly on one side of the threshold, they agree pixel for pixel (a canvas-size threshold
     # scaled up would give a staircase edge that disagrees with the smooth map).
-    clear = np.abs(prob - 0.5) > 1.5 / 255
+    clear = np.abs(prob - 0.5) > 1.5 / 65535
     assert np.array_equal(mask[clear], prob[clear] >= 0.5)
     # The vessels land where the red half of the photograph is, up to the FOV rim (resampling).
     rim = cv2.morphologyEx(expected.astype(np.uint8), cv2.MORPH_GRADIENT,
@@ -506,9 +508,10 @@ def test_scores_against_hand_made_ground_truth(tiny_onnx, tmp_path):
     assert float(row["sensitivity"]) == pytest.approx(tp / (tp + fn), abs=1e-5)
     assert float(row["specificity"]) == pytest.approx(tn / (tn + fp), abs=1e-5)
     assert float(row["accuracy"]) == pytest.approx((tp + tn) / n, abs=1e-5)
-    # AUC from the float map agrees with AUC from the stored 8-bit map.
+    # AUC from the float map agrees with AUC from the stored 16-bit map.
     levels = read_png(tmp_path / "prob" / "im0002.png")
-    assert float(row["auc"]) == pytest.approx(roc_auc(levels, flipped), abs=2e-3)
+    assert levels.dtype == np.uint16
+    assert float(row["auc"]) == pytest.approx(roc_auc(levels, flipped), abs=1e-5)
 
     assert rows["nolabel.png"]["truth"] == "" and rows["nolabel.png"]["dice"] == ""
     summary = json.loads(result.stdout)

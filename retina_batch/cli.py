@@ -86,6 +86,9 @@ def _scale_range(ctx, param, value: str | None) -> tuple[float, float] | None:
 @click.option("--loss", default="bce+dice", show_default=True,
               type=click.Choice(["bce+dice", "bce"]),
               help="[schedule] Training loss: BCE + soft Dice, or BCE alone.")
+@click.option("--norm", default="image", show_default=True, type=click.Choice(["image", "local"]),
+              help="[model] Input standardisation: over the whole canvas, or within a ~72 px "
+                   "neighbourhood (removes vignetting and uneven illumination; not yet shipped).")
 @click.option("--seed", default=0, show_default=True, help="[run] Random seed.")
 @click.option("--device", default="auto", show_default=True, help="[run] auto, cpu, cuda.")
 @click.option("--threads", default=0, help="[run] PyTorch CPU threads (0: all cores).")

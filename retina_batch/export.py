@@ -94,7 +94,7 @@ def mixed_precision_model(net):
     import torch
     from torch import nn
 
-    from .model import standardise, unit_nchw
+    from .model import normalise, unit_nchw
 
     class MixedPrecision(nn.Module):
         def __init__(self):
@@ -102,7 +102,7 @@ def mixed_precision_model(net):
             self.net = fold_batchnorm(net).half()
 
         def forward(self, images):
-            x = standardise(unit_nchw(images))
+            x = normalise(unit_nchw(images), net.config)
             logits = self.net(x.half())
             return torch.sigmoid(logits.float())[:, 0]
 

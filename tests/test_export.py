@@ -153,6 +153,25 @@ def test_dynamic_canvas_matches_pytorch_at_every_side_of_the_profile(exported):
         assert np.abs(got - want).max() < 1e-4
 
 
+def test_a_locally_normalised_model_exports_and_runs_like_pytorch_at_every_side(tmp_path):
+    """--norm local puts Pad, AveragePool and Resize before the network: the exported graph
+    must follow the dynamic canvas (sides that are not multiples of the 8 px cells included)
+    and give PyTorch's probabilities."""
+    from retina_batch.backends.torch import load_network
+    from retina_batch.model import InferenceModel
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "run", norm="local")
+    result = CliRunner().invoke(main, ["export", str(checkpoint), "--out", str(tmp_path / "out"),
+                                       "--no-engine", "--json"])
+    assert result.exit_code == 0, result.output
+    module = InferenceModel(load_network(checkpoint)).eval()
+    assert module.net.config.norm == "local"
+    for side in (64, 80, 128):
+        image = ex.synthetic_fundus(side, 5)[None]
+        got = ex.run_onnx(tmp_path / "out" / "model.onnx", image)
+        assert np.abs(got - ex.run_torch(module, image)).max() < 1e-4, side
+
+
 def test_canvas_sides_checked_besides_the_working_one():
     from retina_batch.shapes import Range
 

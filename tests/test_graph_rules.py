@@ -38,15 +38,17 @@ def one(problems: list[str], text: str) -> None:
 
 
 # --- the graphs we ship ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def exported_tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["image", "local"])
+def exported_tiny(tmp_path_factory, request):
+    """Both input normalisations (model.UNetConfig.norm): the local one adds Pad, pooling and
+    Resize nodes that the parser must accept too."""
     pytest.importorskip("torch")
     from tiny import write_tiny_checkpoint
 
     from retina_batch.export import export
 
     root = tmp_path_factory.mktemp("rules")
-    checkpoint = write_tiny_checkpoint(root / "run")
+    checkpoint = write_tiny_checkpoint(root / "run", norm=request.param)
     export(checkpoint, root / "out", engine=False, parity_count=1, log=lambda *a: None)
     return root / "out"
 

@@ -12,13 +12,15 @@ from retina_batch.card import sha256, write_json_atomic
 TINY_SIZE = 64
 
 
-def tiny_card(weights: Path, size: int = TINY_SIZE, width: int = 4) -> dict:
+def tiny_card(weights: Path, size: int = TINY_SIZE, width: int = 4, norm: str = "image") -> dict:
     return {"card_version": 1, "name": "tiny", "architecture": "attention-unet",
-            "model": {"width": width, "depth": 4, "in_channels": 3}, "working_size": size,
+            "model": {"width": width, "depth": 4, "in_channels": 3, "norm": norm},
+            "working_size": size,
             "threshold": 0.5, "weights": weights.name, "sha256": sha256(weights)}
 
 
-def write_tiny_checkpoint(folder: Path, size: int = TINY_SIZE, width: int = 4, seed: int = 0):
+def write_tiny_checkpoint(folder: Path, size: int = TINY_SIZE, width: int = 4, seed: int = 0,
+                          norm: str = "image"):
     """model.pt + model.json with random weights (BatchNorm running stats perturbed so the
     output is not flat)."""
     import torch
@@ -26,7 +28,7 @@ def write_tiny_checkpoint(folder: Path, size: int = TINY_SIZE, width: int = 4, s
     from retina_batch.model import AttentionUNet, UNetConfig
 
     torch.manual_seed(seed)
-    net = AttentionUNet(UNetConfig(width=width))
+    net = AttentionUNet(UNetConfig(width=width, norm=norm))
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
@@ -34,7 +36,7 @@ def write_tiny_checkpoint(folder: Path, size: int = TINY_SIZE, width: int = 4, s
     weights = folder / "model.pt"
     torch.save({"model_config": net.config.to_dict(), "state_dict": net.state_dict(),
                 "epoch": 0}, weights)
-    write_json_atomic(folder / "model.json", tiny_card(weights, size, width))
+    write_json_atomic(folder / "model.json", tiny_card(weights, size, width, norm))
     return weights
 
 

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from ..card import CARD_VERSION, sha256, write_json_atomic
 from ..metrics import evaluate_image, mean_scores
-from ..model import AttentionUNet, InferenceModel, UNetConfig, count_parameters, standardise
+from ..model import AttentionUNet, InferenceModel, UNetConfig, count_parameters, normalise
 from ..preprocess import unletterbox
 from .augment import AugmentConfig, augment
 from .dataset import Sample, load_sample, open_datasets, split_by_group
@@ -50,6 +50,7 @@ class TrainConfig:
     # not drowned by a large first one; "images": every photograph equally.
     balance: str = "datasets"
     loss: str = "bce+dice"  # training.loss.LOSSES
+    norm: str = "image"  # model.UNetConfig.norm: input standardisation over the image or local
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
@@ -132,7 +133,7 @@ class Trainer:
             self.train_set += [load_sample(p, cfg.size, ds.name) for p in train_pairs]
             self.val_set += [load_sample(p, cfg.size, ds.name) for p in val_pairs]
         self.out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
-        self.net = AttentionUNet(UNetConfig(cfg.width, cfg.depth)).to(self.device)
+        self.net = AttentionUNet(UNetConfig(cfg.width, cfg.depth, norm=cfg.norm)).to(self.device)
         self.model = InferenceModel(self.net)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
@@ -191,7 +192,7 @@ class Trainer:
             images, targets = images.to(self.device), targets.to(self.device)
             x = images.permute(0, 3, 1, 2).float() / 255.0
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-                logits = self.net(standardise(x))
+                logits = self.net(normalise(x, self.net.config))
                 loss = LOSSES[cfg.loss](logits, targets)
             self.opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -354,6 +355,8 @@ def train(data_dirs, out_dir: str, resume: bool = False, log=print, **options) -
         raise ValueError("balance must be 'datasets' or 'images'")
     if options.get("loss", "bce+dice") not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
+    if options.get("norm", "image") not in ("image", "local"):
+        raise ValueError("norm must be 'image' or 'local'")
     cfg = TrainConfig(data_dirs=[str(d) for d in data_dirs], out_dir=str(out_dir), **options)
     if cfg.epochs < 1 or cfg.steps_per_epoch < 1:
         raise ValueError("epochs and steps per epoch must be at least 1")

@@ -383,11 +383,6 @@ MASK_PNG_PARAMS = [cv2.IMWRITE_PNG_BILEVEL, 1, cv2.IMWRITE_PNG_COMPRESSION, 1,
                    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
 
 
-# Probability maps (segment --prob) as 16-bit greyscale PNG, p x 65535, at the fastest zlib
-# level: most of a map is near 0, so it compresses well anyway.
-PROB_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
-
-
 def read_probability(path: str | os.PathLike) -> np.ndarray:
     """A stored probability map (16-bit PNG from `segment --prob`, or 8-bit as written before
     2026-12-08) as float32 p in [0, 1]."""

@@ -93,6 +93,9 @@ def main() -> None:
     if args.stems:
         wanted = set(args.stems.split(","))
         pairs = [p for p in pairs if p.key in wanted]
+    if not pairs:
+        raise SystemExit(f"error: no labelled photograph in {args.folder}"
+                         + (f" among --stems {args.stems}" if args.stems else ""))
     work = args.work or Path(tempfile.mkdtemp(prefix="camera-shift-"))
     cuts = {}
     for seed, pair in enumerate(pairs):

@@ -195,7 +195,7 @@ def test_train_writes_checkpoint_card_metrics_and_curve(tmp_path):
     for name in ("model.pt", "model.json", "last.pt", "metrics.csv", "curves.png"):
         assert (run / name).stat().st_size > 0
     assert card["sha256"] == sha256(run / "model.pt")
-    assert card["model"] == {"width": 4, "depth": 3, "in_channels": 3}
+    assert card["model"] == {"width": 4, "depth": 3, "in_channels": 3, "norm": "image"}
     assert card["working_size"] == SIZE
     # The card is the best epoch's: its threshold and Dice are that epoch's validation row.
     with open(run / "metrics.csv", newline="") as f:

@@ -33,18 +33,18 @@ import cv2
 import numpy as np
 
 import retina_batch
-from retina_batch.io import read_image, read_mask
+from retina_batch.io import index_by_key, read_image, read_mask
+from retina_batch.metrics import Confusion, scores
 from retina_batch.preprocess import detect_fov, to_rgb8
+from retina_batch.synth import dim_edge, grey_rim
 from retina_batch.training.dataset import find_pairs
 
 SHIFTS = ("original", "grey-rim", "dim-edge", "cut-70")
 
 
 def fov_of(folder: Path, key: str, rgb: np.ndarray) -> np.ndarray:
-    masks = sorted((folder / "fov").glob(f"{key}_mask.*")) if (folder / "fov").is_dir() else []
-    if masks:
-        return read_mask(masks[0]).astype(bool)
-    return detect_fov(rgb).mask.astype(bool)
+    mask = index_by_key(folder / "fov" if (folder / "fov").is_dir() else None, fov=True).get(key)
+    return read_mask(mask).astype(bool) if mask else detect_fov(rgb).mask.astype(bool)
 
 
 def cut_rows(fov: np.ndarray, keep: float = 0.70) -> slice:
@@ -57,17 +57,9 @@ def cut_rows(fov: np.ndarray, keep: float = 0.70) -> slice:
 def shifted(rgb: np.ndarray, truth: np.ndarray, fov: np.ndarray, shift: str, seed: int):
     """(RGB image, truth) of one photograph as `shift` renders it."""
     if shift == "grey-rim":
-        out = rgb.copy()
-        grain = np.random.default_rng(seed).normal(30, 6, (np.count_nonzero(~fov), 3))
-        out[~fov] = np.clip(grain, 0, 255).astype(np.uint8)
-        return out, truth
+        return grey_rim(rgb, fov, seed=seed), truth
     if shift == "dim-edge":
-        h, w = fov.shape
-        cy, cx = np.argwhere(fov).mean(axis=0)
-        yy, xx = np.mgrid[:h, :w]
-        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (np.count_nonzero(fov) / np.pi)
-        gain = np.clip(1 - 0.7 * d2, 0.3, 1)[..., None]
-        return (rgb * gain).astype(np.uint8), truth
+        return dim_edge(rgb, fov), truth
     if shift == "cut-70":
         rows = cut_rows(fov)
         return rgb[rows], truth[rows]
@@ -75,8 +67,7 @@ def shifted(rgb: np.ndarray, truth: np.ndarray, fov: np.ndarray, shift: str, see
 
 
 def dice(mask: np.ndarray, truth: np.ndarray) -> float:
-    total = np.count_nonzero(mask) + np.count_nonzero(truth)
-    return 2 * np.count_nonzero(mask & truth) / total if total else 1.0
+    return scores(Confusion.of(mask, truth))["dice"]
 
 
 def main() -> None:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, discover, index_by_key, pair_key, read_image, read_mask
+from .io import (
+    InputError,
+    discover,
+    index_by_key,
+    pair_key,
+    read_image,
+    read_mask,
+    read_probability,
+)
 from .metrics import evaluate_mask, mean_scores, roc_auc
 from .preprocess import detect_fov, to_rgb8
 
@@ -44,11 +52,9 @@ def score_one(pred_path: Path, truth_path: Path, prob_path: Path | None = None,
         raise ValueError(f"field-of-view mask for {pred_path.name} has another size")
     row = evaluate_mask(pred, truth, fov)
     if prob_path is not None:
-        prob = read_image(prob_path)
-        prob = prob.max(axis=2) if prob.ndim == 3 else prob
-        if prob.dtype not in (np.uint8, np.uint16) or prob.shape != truth.shape:
-            raise ValueError(f"{prob_path.name}: expected an 8- or 16-bit probability map of "
-                             "the mask's size")
+        prob = read_probability(prob_path)  # 8- or 16-bit levels: AUC counts both exactly
+        if prob.shape != truth.shape:
+            raise ValueError(f"{prob_path.name}: expected a probability map of the mask's size")
         row["auc"] = roc_auc(prob, truth)
         if fov is not None:
             row["fov_auc"] = roc_auc(prob, truth, fov)

@@ -124,18 +124,18 @@ def _largest_component_outline(binary: np.ndarray) -> np.ndarray | None:
     return np.concatenate(outer) if outer else None
 
 
-def _dark_corners(bright: np.ndarray) -> tuple[float, float] | None:
+def _dark_corners(bright: np.ndarray, p99: float) -> tuple[float, float] | None:
     """(level, noise) of the rim, measured in the thumbnail's four corners, or None where the
-    corners are not dark (no rim there to measure). The corners lie outside the FOV's circle
-    in every camera we know of, even where the circle is cut at top and bottom."""
+    corners are not dark against the retina (`p99`: its bright end), so there is no rim to
+    measure. The corners lie outside the FOV's circle in every camera we know of, even where
+    the circle is cut at top and bottom."""
     h, w = bright.shape
     side = max(2, min(h, w) // 12)
     corners = np.concatenate([bright[:side, :side], bright[:side, -side:],
                               bright[-side:, :side], bright[-side:, -side:]], axis=None)
     background = percentile_u8(corners, 50)
     noise = percentile_u8(corners, 95) - background
-    return (background, noise) if background + noise < 0.25 * percentile_u8(bright, 99) \
-        else None
+    return (background, noise) if background + noise < 0.25 * p99 else None
 
 
 def _convex_fov(bright: np.ndarray, level: float) -> np.ndarray | None:
@@ -164,11 +164,12 @@ def _fov_on_thumbnail(bright: np.ndarray) -> np.ndarray | None:
     rim only when they are mostly rim (generous on purpose: a rim pixel too many in the FOV
     costs nothing, a FOV pixel too few zeroes a vessel at the edge).
     Where the corners are not dark: a fixed fraction of the brightest retina."""
-    rim = _dark_corners(bright)
+    p99 = percentile_u8(bright, 99)
+    rim = _dark_corners(bright, p99)
     if rim is None:
-        return _convex_fov(bright, max(8.0, 0.12 * percentile_u8(bright, 99)))
+        return _convex_fov(bright, max(8.0, 0.12 * p99))
     background, noise = rim
-    level = background + noise + max(6.0, 0.03 * (percentile_u8(bright, 99) - background))
+    level = background + noise + max(6.0, 0.03 * (p99 - background))
     first = _convex_fov(bright, level)
     if first is None:
         return None

@@ -214,3 +214,26 @@ def _repeat(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
+
+
+# --- a real photograph as another camera would give it (benchmarks/camera_shift.py, tests) ---
+
+def grey_rim(image: np.ndarray, fov: np.ndarray, level: float = 30.0, seed: int = 0) -> np.ndarray:
+    """A copy of `image` (H x W x 3) with everything outside `fov` replaced by grainy grey
+    (mean `level`, sd 6): the rim of scanned film and some JPEG cameras, where ours is black."""
+    out = image.copy()
+    outside = ~fov.astype(bool)
+    grain = np.random.default_rng(seed).normal(level, 6, (np.count_nonzero(outside), 3))
+    out[outside] = np.clip(grain, 0, 255).astype(np.uint8)
+    return out
+
+
+def dim_edge(image: np.ndarray, fov: np.ndarray, edge: float = 0.3) -> np.ndarray:
+    """`image` darkened towards the FOV's edge, to `edge` x its brightness there (vignetting,
+    uneven illumination): a gain falling with the squared distance from the FOV's centre."""
+    inside = fov.astype(bool)
+    h, w = inside.shape
+    cy, cx = np.argwhere(inside).mean(axis=0)
+    yy, xx = np.mgrid[:h, :w]
+    d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (np.count_nonzero(inside) / np.pi)
+    return (image * np.clip(1 - (1 - edge) * d2, edge, 1)[..., None]).astype(np.uint8)

@@ -183,7 +183,7 @@ MUTATIONS = (
     Mutation("fov-level-not-from-the-rim", "the FOV threshold ignores the rim's own level "
              "(grey rims and dim peripheries)",
              (Edit("retina_batch/preprocess.py", "_dark_corners",
-                   "background + noise < 0.25 * percentile_u8(bright, 99)", "False"),),
+                   "background + noise < 0.25 * p99", "False"),),
              ("tests/test_preprocess.py",)),
     Mutation("fov-edge-band-not-redecided", "the FOV edge stays at the rim's level plus noise",
              (Edit("retina_batch/preprocess.py", "_fov_on_thumbnail", "edge <= level", "True"),),

@@ -15,6 +15,7 @@ from retina_batch.preprocess import (
     to_rgb8,
     unletterbox,
 )
+from retina_batch.synth import dim_edge, grey_rim
 
 
 def test_to_rgb8_handles_every_decoded_layout():
@@ -73,24 +74,6 @@ def test_bright_text_in_a_corner_is_not_the_fov():
     assert not fov.mask[5:40, 5:60].any()
 
 
-def _grey_rim(bgr: np.ndarray, inside: np.ndarray, level: float, seed: int = 0) -> np.ndarray:
-    """`bgr` with everything outside `inside` replaced by grainy grey (a scanned-film rim)."""
-    out = bgr.copy()
-    outside = ~inside.astype(bool)
-    grain = np.random.default_rng(seed).normal(level, 6, (np.count_nonzero(outside), 3))
-    out[outside] = np.clip(grain, 0, 255).astype(np.uint8)
-    return out
-
-
-def _vignetted(bgr: np.ndarray, inside: np.ndarray, edge: float) -> np.ndarray:
-    """`bgr` darkened towards the FOV's edge, to `edge` x its brightness there (dim periphery)."""
-    h, w = inside.shape
-    cy, cx = np.argwhere(inside).mean(axis=0)
-    yy, xx = np.mgrid[:h, :w]
-    d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) / (np.count_nonzero(inside) / np.pi)
-    return (bgr * np.clip(1 - (1 - edge) * d2, edge, 1)[..., None]).astype(np.uint8)
-
-
 def _disc(width: int, height: int) -> np.ndarray:
     return cv2.circle(np.zeros((height, width), np.uint8), (width // 2, height // 2),
                       int(0.45 * min(width, height)), 1, -1)
@@ -101,7 +84,7 @@ def test_fov_is_found_behind_a_grey_grainy_rim(rim):
     """Scanned film and some JPEGs have a grey, grainy rim, not a black one; a fixed fraction of
     the brightest retina (the old level, ~27 here) took it for retina and gave up (no FOV)."""
     inside = _disc(400, 360)
-    img = _grey_rim(fundus_like(400, 360), inside, rim)[:, :, ::-1].copy()
+    img = grey_rim(fundus_like(400, 360), inside, rim)[:, :, ::-1].copy()
     fov = detect_fov(img)
     assert fov.found
     found = fov.mask > 0
@@ -112,7 +95,7 @@ def test_fov_keeps_a_dim_periphery():
     """Vignetting: the retina's edge at 15 % of its brightness (~27 in the brightest channel)
     is still FOV; the old fixed level cut the FOV short there."""
     inside = _disc(400, 360)
-    img = _vignetted(fundus_like(400, 360), inside, 0.15)[:, :, ::-1].copy()
+    img = dim_edge(fundus_like(400, 360), inside, 0.15)[:, :, ::-1].copy()
     fov = detect_fov(img)
     assert fov.found
     assert fov.area == pytest.approx(np.count_nonzero(inside), rel=0.03)
@@ -135,7 +118,7 @@ def test_the_canvas_is_black_outside_the_fov_whatever_the_rim():
     FOV is found behind such a rim is the test above.)"""
     inside = _disc(300, 280)
     black = fundus_like(300, 280)[:, :, ::-1].copy()
-    grey = _grey_rim(black, inside, 30)
+    grey = grey_rim(black, inside, 30)
     canvases = []
     fov = detect_fov(black)  # one FOV for both (as from --fov): the same letterbox
     for img in (black, grey):
@@ -335,7 +318,7 @@ def test_fov_of_another_camera_under_other_cameras_rims_and_lighting(shared_data
         raw, _, _ = decode(path, 512)
         truth = cv2.resize(read_mask(folder / "fov" / f"{path.stem}_mask.gif").astype(np.uint8),
                            (raw.shape[1], raw.shape[0]), interpolation=cv2.INTER_NEAREST)
-        for img in (_grey_rim(raw, truth, 15), _vignetted(raw, truth, 0.3)):
+        for img in (grey_rim(raw, truth, 15), dim_edge(raw, truth, 0.3)):
             fov = detect_fov(to_rgb8(img))
             assert fov.found, path.name
             found = fov.mask > 0
